@@ -1,0 +1,628 @@
+"""A GPT language model, written like nanoGPT, with a logical axis on every weight.
+
+Read top to bottom: config, helpers, `Block`, `GPT`, loss, counting, sampling.
+
+The model knows nothing of meshes. Each weight is a plain array whose jaxtyping
+annotation names its dims (`w_mlp_in: Float[Array, "embed mlp"]`); a Titanax plan maps
+those logical axes (`embed`, `heads`, `head_dim`, `mlp`, `vocab`, `ctx`) onto mesh
+axes. The dim of size 3 that stacks q, k and v is numeric, so it is never sharded.
+
+The layers are one `Block` whose arrays carry a leading `layers` dim (built with
+`eqx.filter_vmap`, run with `jax.lax.scan`), the dim a pipeline splits into stages.
+The pieces a pipeline needs are public: `GPT.embed`, `apply_block`, `run_blocks`,
+`GPT.head` and `loss_from_logits`.
+
+Under Megatron tensor parallelism (`heads` and `mlp` mapped to one mesh axis) the QKV
+and MLP-up weights are column-parallel and the attention-out and MLP-down weights are
+row-parallel: the head dim is kept explicit in every weight so no reshape ever splits
+or merges a sharded dim.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+# ----------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of a `GPT`. Frozen, so it can be a static field of a module.
+
+    Make one directly or from a preset: `GPTConfig.preset("small", dropout=0.1)`.
+    Parameters are always created in float32; lower-precision compute is the job of
+    the training step (`tx.Precision`), not of the model.
+    """
+
+    # Number of token ids; 50304 pads GPT-2's 50257 to a multiple of 64 for speed.
+    vocab_size: int = 256
+    # Longest sequence the model can read (the context length).
+    block_size: int = 64
+    # Number of transformer blocks (the size of the stacked `layers` dim).
+    n_layer: int = 4
+    # Number of attention heads; must divide `n_embd`.
+    n_head: int = 4
+    # Width of the residual stream.
+    n_embd: int = 128
+    # Dropout rate on attention probabilities and residual branches; 0 disables it.
+    dropout: float = 0.0
+    # Biases in linear layers and LayerNorms, like GPT-2. False is a bit better and
+    # faster (nanoGPT).
+    bias: bool = False
+    # Share the token embedding with the LM head (GPT-2 does). Untied is simpler to
+    # pipeline, since the first and last stages then hold no common weight.
+    tie_weights: bool = False
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"`n_head` must divide `n_embd`, got n_embd={self.n_embd} and "
+                f"n_head={self.n_head}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head, `n_embd // n_head`."""
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_size(self) -> int:
+        """Hidden width of the MLP, four times `n_embd` as in GPT-2."""
+        return 4 * self.n_embd
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        """A named preset from `PRESETS`, with some fields replaced.
+
+        **Arguments:**
+
+        - `name`: one of `"tiny"` (fast tests), `"baby"` (byte-level, trains on a CPU
+            in minutes) or `"small"` (GPT-2 124M).
+        - `**overrides`: fields to replace, e.g. `dropout=0.1`.
+
+        **Returns:**
+
+        A `GPTConfig`.
+        """
+        if name not in PRESETS:
+            raise ValueError(
+                f"Unknown GPT preset {name!r}; choose one of {sorted(PRESETS)}."
+            )
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32),
+    "baby": GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # GPT-2 124M: biases and tied embeddings as in the released checkpoint.
+    "small": GPTConfig(
+        vocab_size=50304,
+        block_size=1024,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        bias=True,
+        tie_weights=True,
+    ),
+}
+
+# ----------------------------------------------------------------------------
+# Helpers
+
+
+def _normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
+    return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _layer_norm(x: Array, scale: Array, bias: Array | None, eps: float = 1e-5):
+    # Statistics in float32 even when activations are bf16: the variance of a wide
+    # residual stream loses too many bits otherwise.
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.var(x32, axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
+    # No key means inference: evaluation and sampling pass key=None.
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _split(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None]:
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+# ----------------------------------------------------------------------------
+# One transformer block
+
+
+class Block(eqx.Module):
+    """One pre-LayerNorm transformer block: causal self-attention, then an MLP.
+
+    In a `GPT` the blocks are stacked: every array below gains a leading `layers` dim,
+    which the annotations leave out (Titanax adds it).
+
+    **Arguments:**
+
+    - `config`: the model's `GPTConfig`.
+    - `key`: a PRNG key for the initial weights.
+    """
+
+    ln1_scale: Float[Array, "embed"]
+    ln1_bias: Float[Array, "embed"] | None
+    # Column-parallel: each head's q, k and v are computed from the whole stream.
+    w_qkv: Float[Array, "embed 3 heads head_dim"]
+    b_qkv: Float[Array, "3 heads head_dim"] | None
+    # Row-parallel: a sum over heads, so sharded heads end in one all-reduce.
+    w_attn_out: Float[Array, "heads head_dim embed"]
+    b_attn_out: Float[Array, "embed"] | None
+    ln2_scale: Float[Array, "embed"]
+    ln2_bias: Float[Array, "embed"] | None
+    w_mlp_in: Float[Array, "embed mlp"]
+    b_mlp_in: Float[Array, "mlp"] | None
+    w_mlp_out: Float[Array, "mlp embed"]
+    b_mlp_out: Float[Array, "embed"] | None
+    config: GPTConfig = eqx.field(static=True)
+
+    def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
+        c, nh, hs, m = config.n_embd, config.n_head, config.head_dim, config.mlp_size
+        k_qkv, k_attn_out, k_mlp_in, k_mlp_out = jax.random.split(key, 4)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block
+        # adds two of them to the stream, and its variance must not grow with depth.
+        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
+
+        def zeros(*shape):
+            return jnp.zeros(shape, jnp.float32) if config.bias else None
+
+        self.ln1_scale = jnp.ones((c,), jnp.float32)
+        self.ln1_bias = zeros(c)
+        self.w_qkv = _normal(k_qkv, (c, 3, nh, hs), 0.02)
+        self.b_qkv = zeros(3, nh, hs)
+        self.w_attn_out = _normal(k_attn_out, (nh, hs, c), resid_std)
+        self.b_attn_out = zeros(c)
+        self.ln2_scale = jnp.ones((c,), jnp.float32)
+        self.ln2_bias = zeros(c)
+        self.w_mlp_in = _normal(k_mlp_in, (c, m), 0.02)
+        self.b_mlp_in = zeros(m)
+        self.w_mlp_out = _normal(k_mlp_out, (m, c), resid_std)
+        self.b_mlp_out = zeros(c)
+        self.config = config
+
+    def attention(
+        self, x: Float[Array, "B T C"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "B T C"]:
+        """Causal multi-head self-attention, without the LayerNorm or residual."""
+        B, T, C = x.shape
+        nh, hs = self.config.n_head, self.config.head_dim
+        k_att, k_resid = _split(key, 2)
+        # Linear layers see 2-D tokens: XLA's CPU backward is ~2x faster than on 3-D.
+        x = x.reshape(B * T, C)  # (B*T, C)
+        qkv = jnp.einsum("tc,cshd->sthd", x, self.w_qkv)  # (3, B*T, nh, hs)
+        if self.b_qkv is not None:
+            qkv = qkv + self.b_qkv[:, None]
+        q = qkv[0].reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        k = qkv[1].reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        v = qkv[2].reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        # Scores and softmax in float32 even for bf16 inputs: exp overflows otherwise.
+        att = jnp.einsum(
+            "bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32
+        )  # (B, nh, T, T)
+        att = att * (1.0 / math.sqrt(hs))
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+        att = jnp.where(causal, att, -jnp.inf)
+        att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
+        att = _dropout(att, self.config.dropout, k_att)
+        y = jnp.einsum("bhqk,bkhd->bqhd", att, v)  # (B, T, nh, hs)
+        y = y.reshape(B * T, nh, hs)  # (B*T, nh, hs)
+        y = jnp.einsum("thd,hdc->tc", y, self.w_attn_out)  # (B*T, C)
+        if self.b_attn_out is not None:
+            y = y + self.b_attn_out
+        y = _dropout(y, self.config.dropout, k_resid)
+        return y.reshape(B, T, C)  # (B, T, C)
+
+    def mlp(
+        self, x: Float[Array, "B T C"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "B T C"]:
+        """The position-wise MLP, without the LayerNorm or residual."""
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (B*T, C)
+        h = x @ self.w_mlp_in  # (B*T, 4C)
+        if self.b_mlp_in is not None:
+            h = h + self.b_mlp_in
+        h = jax.nn.gelu(h, approximate=True)  # GPT-2's tanh approximation
+        y = h @ self.w_mlp_out  # (B*T, C)
+        if self.b_mlp_out is not None:
+            y = y + self.b_mlp_out
+        y = _dropout(y, self.config.dropout, key)
+        return y.reshape(B, T, C)  # (B, T, C)
+
+    def __call__(
+        self, x: Float[Array, "B T C"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "B T C"]:
+        """Run one (unstacked) block on hidden states `x` of shape `(B, T, C)`.
+
+        **Arguments:**
+
+        - `x`: hidden states, `(batch, time, n_embd)`.
+        - `key`: a PRNG key for dropout, or `None` for no dropout.
+
+        **Returns:**
+
+        Hidden states of the same shape and dtype.
+        """
+        k_attn, k_mlp = _split(key, 2)
+        x = x + self.attention(
+            _layer_norm(x, self.ln1_scale, self.ln1_bias), key=k_attn
+        )
+        x = x + self.mlp(_layer_norm(x, self.ln2_scale, self.ln2_bias), key=k_mlp)
+        return x
+
+
+def apply_block(
+    block: Block, h: Float[Array, "B T C"], key: PRNGKeyArray | None = None
+) -> Float[Array, "B T C"]:
+    """Run a single layer (a `Block` without the `layers` dim) on hidden states.
+
+    **Arguments:**
+
+    - `block`: one layer, e.g. `jax.tree.map(lambda a: a[i], gpt.blocks)`.
+    - `h`: hidden states, `(batch, time, n_embd)`.
+    - `key`: a PRNG key for dropout, or `None` for no dropout.
+
+    **Returns:**
+
+    Hidden states of the same shape.
+    """
+    return block(h, key=key)
+
+
+def run_blocks(
+    blocks: Block, h: Float[Array, "B T C"], key: PRNGKeyArray | None = None
+) -> Float[Array, "B T C"]:
+    """Run a stack of layers (a `Block` with a leading `layers` dim) in order.
+
+    A pipeline stage calls this on its slice of `GPT.blocks`. The layers run in one
+    `jax.lax.scan`, so compile time does not grow with depth.
+
+    **Arguments:**
+
+    - `blocks`: stacked layers; every array has a leading `layers` dim.
+    - `h`: hidden states, `(batch, time, n_embd)`.
+    - `key`: a PRNG key for dropout (split once per layer), or `None`.
+
+    **Returns:**
+
+    Hidden states of the same shape.
+    """
+    params, static = eqx.partition(blocks, eqx.is_array)
+    n_layers = jax.tree.leaves(params)[0].shape[0]
+    keys = None if key is None else jax.random.split(key, n_layers)
+
+    def step(h, layer):
+        layer_params, layer_key = layer
+        return apply_block(eqx.combine(layer_params, static), h, layer_key), None
+
+    h, _ = jax.lax.scan(step, h, (params, keys))
+    return h
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+
+class GPT(eqx.Module):
+    """A GPT-2 style decoder-only transformer.
+
+    `gpt(tokens)` maps int tokens `(B, T)` to logits `(B, T, vocab_size)`. The same
+    computation in parts, for a pipeline: `gpt.head(run_blocks(gpt.blocks,
+    gpt.embed(tokens)))`.
+
+    **Arguments:**
+
+    - `config`: a `GPTConfig`.
+    - `key`: a PRNG key for the initial weights.
+
+    !!! Example
+
+        ```python
+        config = GPTConfig.preset("tiny")
+        model = GPT(config, key=jax.random.key(0))
+        logits = model(jnp.zeros((2, 16), jnp.int32))  # (2, 16, 64)
+        ```
+    """
+
+    wte: Float[Array, "vocab embed"]
+    # "ctx" is a parameter-only name that plans leave unmapped, so wpe is replicated
+    # even where activations' "seq" dim is sharded.
+    wpe: Float[Array, "ctx embed"]
+    blocks: Block
+    lnf_scale: Float[Array, "embed"]
+    lnf_bias: Float[Array, "embed"] | None
+    # None when tied: the head then reuses `wte`.
+    lm_head: Float[Array, "embed vocab"] | None
+    config: GPTConfig = eqx.field(static=True)
+
+    def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
+        k_wte, k_wpe, k_blocks, k_head = jax.random.split(key, 4)
+        c = config.n_embd
+        self.wte = _normal(k_wte, (config.vocab_size, c), 0.02)
+        self.wpe = _normal(k_wpe, (config.block_size, c), 0.02)
+        layer_keys = jax.random.split(k_blocks, config.n_layer)
+        self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(layer_keys)
+        self.lnf_scale = jnp.ones((c,), jnp.float32)
+        self.lnf_bias = jnp.zeros((c,), jnp.float32) if config.bias else None
+        if config.tie_weights:
+            self.lm_head = None
+        else:
+            self.lm_head = _normal(k_head, (c, config.vocab_size), 0.02)
+        self.config = config
+
+    def embed(
+        self, tokens: Int[Array, "B T"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "B T C"]:
+        """Token plus position embeddings, the input to the first block.
+
+        **Arguments:**
+
+        - `tokens`: int token ids, `(batch, time)` with `time <= block_size`.
+        - `key`: a PRNG key for dropout, or `None`.
+
+        **Returns:**
+
+        Hidden states `(batch, time, n_embd)`.
+        """
+        T = tokens.shape[-1]
+        assert T <= self.config.block_size, (
+            f"Cannot forward sequence of length {T}, "
+            f"block size is only {self.config.block_size}"
+        )
+        h = self.wte[tokens] + self.wpe[:T]  # (B, T, C)
+        return _dropout(h, self.config.dropout, key)
+
+    def head(self, h: Float[Array, "B T C"]) -> Float[Array, "B T V"]:
+        """Final LayerNorm and LM head: hidden states to logits.
+
+        **Arguments:**
+
+        - `h`: hidden states from the last block, `(batch, time, n_embd)`.
+
+        **Returns:**
+
+        Logits `(batch, time, vocab_size)`, in the dtype of `h`.
+        """
+        B, T, C = h.shape
+        h = _layer_norm(h, self.lnf_scale, self.lnf_bias).reshape(B * T, C)  # (B*T, C)
+        if self.lm_head is None:
+            logits = jnp.einsum("tc,vc->tv", h, self.wte)  # (B*T, V)
+        else:
+            logits = h @ self.lm_head  # (B*T, V)
+        return logits.reshape(B, T, -1)  # (B, T, V)
+
+    def __call__(
+        self, tokens: Int[Array, "B T"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "B T V"]:
+        """Logits for every position.
+
+        **Arguments:**
+
+        - `tokens`: int token ids, `(batch, time)` with `time <= block_size`.
+        - `key`: a PRNG key for dropout, or `None` for no dropout (evaluation).
+
+        **Returns:**
+
+        Logits `(batch, time, vocab_size)`.
+        """
+        k_embed, k_blocks = _split(key, 2)
+        h = self.embed(tokens, key=k_embed)
+        h = run_blocks(self.blocks, h, k_blocks)
+        return self.head(h)
+
+
+# ----------------------------------------------------------------------------
+# Loss
+
+
+def cross_entropy(
+    logits: Float[Array, "*B V"], labels: Int[Array, "*B"]
+) -> Float[Array, "*B"]:
+    """Softmax cross-entropy per position, in float32.
+
+    Written as `logsumexp(logits) - sum(logits * one_hot(labels))` rather than with
+    `take_along_axis`: it needs only reductions over the vocab dim, so it stays
+    vocab-parallel when the logits are sharded on `vocab` (no gather of the logits).
+
+    **Arguments:**
+
+    - `logits`: unnormalised log-probabilities, vocab last.
+    - `labels`: int class ids of the leading shape.
+
+    **Returns:**
+
+    The negative log-likelihood of each label, float32.
+    """
+    logits = logits.astype(jnp.float32)
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(logits * one_hot, axis=-1)
+
+
+def loss_from_logits(
+    logits: Float[Array, "B T V"], labels: Int[Array, "B T"]
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """Mean next-token cross-entropy and accuracy.
+
+    Labels below 0 are ignored (nanoGPT's `ignore_index=-1`), e.g. for padding.
+
+    **Arguments:**
+
+    - `logits`: `(batch, time, vocab_size)`.
+    - `labels`: int targets `(batch, time)`.
+
+    **Returns:**
+
+    `(loss, {"accuracy": accuracy})`, float32 scalars.
+    """
+    valid = (labels >= 0).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(valid), 1.0)
+    loss = jnp.sum(cross_entropy(logits, labels) * valid) / n
+    hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return loss, {"accuracy": jnp.sum(hits * valid) / n}
+
+
+def gpt_loss(
+    model: GPT, batch: dict[str, Array], key: PRNGKeyArray | None = None
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """Next-token loss of a `GPT` on a batch, in the Titanax `loss` signature.
+
+    **Arguments:**
+
+    - `model`: the `GPT`.
+    - `batch`: `{"x": int (B, T), "y": int (B, T)}` where `y` is `x` shifted left by
+        one (as nanoGPT's `get_batch` returns). Labels below 0 are ignored.
+    - `key`: a PRNG key for dropout, or `None` for no dropout.
+
+    **Returns:**
+
+    `(loss, {"accuracy": accuracy})`, float32 scalars.
+    """
+    logits = model(batch["x"], key=key)
+    return loss_from_logits(logits, batch["y"])
+
+
+# ----------------------------------------------------------------------------
+# Counting
+
+
+def param_count(model: "GPT | GPTConfig", *, non_embedding: bool = False) -> int:
+    """Number of parameters (array elements) of a model or of the model a config makes.
+
+    **Arguments:**
+
+    - `model`: a `GPT` (or any module, possibly of `jax.ShapeDtypeStruct`s), or a
+        `GPTConfig`, which is counted without allocating any weights.
+    - `non_embedding`: if `True`, leave out the position embeddings, and the token
+        embeddings unless they are tied (then they are the LM head's matmul weight),
+        as nanoGPT's `get_num_params` does. This is the `N` of `flops_per_token`.
+
+    **Returns:**
+
+    The count, a Python `int`.
+    """
+    if isinstance(model, GPTConfig):
+        config = model
+        model = eqx.filter_eval_shape(lambda k: GPT(config, key=k), jax.random.key(0))
+    leaves = jax.tree.leaves(
+        model, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    )
+    n = sum(math.prod(x.shape) for x in leaves if hasattr(x, "shape"))
+    if non_embedding and isinstance(model, GPT):
+        n -= math.prod(model.wpe.shape)
+        if model.lm_head is not None:
+            n -= math.prod(model.wte.shape)
+    return n
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token, forward and backward: `6 N + 12 L H Q T`.
+
+    The estimate of the PaLM paper (appendix B) that nanoGPT uses for MFU: `6 N` for
+    the matmuls with weights (`N = param_count(config, non_embedding=True)`) and
+    `12 L H Q T` for attention's two `T x T` matmuls.
+
+    **Arguments:**
+
+    - `config`: the model's `GPTConfig`.
+    - `seq_len`: the sequence length `T` trained on; defaults to `block_size`.
+
+    **Returns:**
+
+    FLOPs per token, a Python `int`.
+    """
+    n = param_count(config, non_embedding=True)
+    T = config.block_size if seq_len is None else seq_len
+    L, H, Q = config.n_layer, config.n_head, config.head_dim
+    return 6 * n + 12 * L * H * Q * T
+
+
+# ----------------------------------------------------------------------------
+# Sampling
+
+
+def generate(
+    model: GPT,
+    tokens: Int[Array, "B T0"],
+    n_new: int,
+    key: PRNGKeyArray,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> Int[Array, "B T0+n_new"]:
+    """Sample `n_new` tokens after `tokens`, nanoGPT's `generate` without a KV cache.
+
+    The context is cropped to the last `block_size` tokens. All steps run in one
+    compiled loop over a fixed-size window, so the sequence growing never recompiles.
+
+    **Arguments:**
+
+    - `model`: the `GPT`; dropout is off while sampling.
+    - `tokens`: int prompt `(batch, T0)`, `T0 >= 1`.
+    - `n_new`: number of tokens to add.
+    - `key`: a PRNG key for sampling.
+    - `temperature`: divides the logits; `0` picks the most likely token (greedy).
+    - `top_k`: if given, sample only among the `top_k` most likely tokens.
+
+    **Returns:**
+
+    The prompt followed by the new tokens, `(batch, T0 + n_new)`.
+    """
+    return _generate(model, tokens, n_new, key, temperature, top_k)
+
+
+@eqx.filter_jit
+def _generate(model, tokens, n_new, key, temperature, top_k):
+    B, T0 = tokens.shape
+    total = T0 + n_new
+    # A fixed window: before it fills, the positions past the current end hold zeros,
+    # which the causal mask keeps from reaching the logits that are read.
+    window = min(model.config.block_size, total)
+    buf = jnp.zeros((B, total), tokens.dtype).at[:, :T0].set(tokens)
+
+    def step(i, carry):
+        buf, key = carry
+        length = T0 + i
+        start = jnp.maximum(length - window, 0)
+        ctx = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=1)  # (B, W)
+        logits = model(ctx)  # (B, W, V)
+        logits = jax.lax.dynamic_index_in_dim(
+            logits, length - 1 - start, axis=1, keepdims=False
+        ).astype(jnp.float32)  # (B, V)
+        key, k = jax.random.split(key)
+        if temperature == 0:
+            nxt = jnp.argmax(logits, axis=-1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+                logits = jnp.where(logits < kth, -jnp.inf, logits)
+            nxt = jax.random.categorical(k, logits, axis=-1)
+        buf = jax.lax.dynamic_update_index_in_dim(
+            buf, nxt.astype(buf.dtype), length, axis=1
+        )
+        return buf, key
+
+    buf, _ = jax.lax.fori_loop(0, n_new, step, (buf, key))
+    return buf

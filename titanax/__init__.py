@@ -1,0 +1,31 @@
+"""Titanax: explicit data, FSDP, tensor and pipeline parallel training for JAX.
+
+Models name the logical axes of their arrays; a `Plan` maps logical axes to mesh axes.
+Nothing is guessed: every sharding comes from the model's PyTree and the plan.
+"""
+
+from ._axes import field as field
+from ._axes import logical_axes as logical_axes
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CollectiveError as CollectiveError
+from ._errors import MeshError as MeshError
+from ._errors import PipelineError as PipelineError
+from ._errors import PlanError as PlanError
+from ._errors import ShardingError as ShardingError
+from ._errors import TitanaxError as TitanaxError
+from ._errors import TrainerError as TrainerError
+from ._explain import Explanation as Explanation
+from ._explain import explain as explain
+from ._mesh import MeshSpec as MeshSpec
+from ._mesh import make_mesh as make_mesh
+from ._mesh import simulate_cpu_devices as simulate_cpu_devices
+from ._plan import DP as DP
+from ._plan import FSDP as FSDP
+from ._plan import PP as PP
+from ._plan import TP as TP
+from ._plan import Plan as Plan
+from ._sharding import init as init
+from ._sharding import shard as shard
+from ._sharding import shardings as shardings
+
+__version__ = "0.1.0"

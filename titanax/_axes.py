@@ -1,0 +1,382 @@
+"""Logical axes: the names a model gives the dims of its arrays.
+
+A leaf's logical axes come from the first of these sources that names it:
+
+1. the plan's path rules (`Plan(rules=[(regex, axes)])`), for models you do not own;
+2. a per-use dict on a parent field: `up: eqx.nn.Linear = tx.field(axes={"weight":
+   ("mlp", "embed")})` (per use, because column- and row-parallel layers share a type);
+3. the field's own metadata: `scale: Array = tx.field(axes=("embed",))`;
+4. the jaxtyping annotation: `w: Float[Array, "embed mlp"]`;
+5. built-in defaults for `eqx.nn` layers (`Linear.weight` is `("out", "in")`, ...).
+
+An array with more dims than its source names was stacked (`eqx.filter_vmap` over
+layers): its extra leading dims are named `layers` (outermost), then `layers_1`, ....
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+from jax.sharding import PartitionSpec
+from jax.tree_util import DictKey, GetAttrKey, SequenceKey
+
+from ._errors import ShardingError
+
+__all__ = ["AxisNames", "field", "is_arraylike", "logical_axes", "path_str"]
+
+AxisNames = tuple[str | None, ...]
+PathRules = Sequence[tuple[str, Sequence[str | None]]]
+
+_AXES_KEY = "titanax_axes"
+_LAYERS = "layers"
+
+
+def field(
+    *,
+    axes: Sequence[str | None] | Mapping[str, Sequence[str | None]] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """An `eqx.field` that names the logical axes of an array or of a submodule.
+
+    **Arguments:**
+
+    - `axes`: for an array field, a tuple naming each dim (`None` for an unnamed dim);
+        for a submodule field, a dict from the submodule's leaf paths (`"weight"`,
+        `"layers[0].bias"`) to such tuples. The dict form is per use: the same
+        `eqx.nn.Linear` type can be column-parallel in one field and row-parallel in
+        another.
+    - `**kwargs`: passed to `eqx.field` (`static`, `converter`, `default`, ...).
+
+    !!! Example
+        ```python
+        class MLPBlock(eqx.Module):
+            up: eqx.nn.Linear = tx.field(axes={"weight": ("mlp", "embed"),
+                                              "bias": ("mlp",)})
+            scale: jax.Array = tx.field(axes=("embed",))
+        ```
+    """
+    metadata = dict(kwargs.pop("metadata", None) or {})
+    if axes is not None:
+        if isinstance(axes, Mapping):
+            axes = {str(k): _as_names(v, f"axes[{k!r}]") for k, v in axes.items()}
+        else:
+            axes = _as_names(axes, "axes")
+        metadata[_AXES_KEY] = axes
+    return eqx.field(metadata=metadata, **kwargs)
+
+
+def _as_names(axes: Any, where: str) -> AxisNames:
+    if isinstance(axes, str) or not isinstance(axes, Sequence):
+        raise ShardingError(
+            f"`tx.field({where}=...)` expects a tuple of axis names, got {axes!r}.",
+            suggestion='Write e.g. `axes=("embed", "mlp")`; None for unnamed dims.',
+        )
+    for name in axes:
+        if name is not None and not isinstance(name, str):
+            raise ShardingError(
+                f"Axis names must be str or None, got {name!r} in {tuple(axes)!r}.",
+                suggestion='Write e.g. `axes=("embed", None)`.',
+            )
+    return tuple(axes)
+
+
+def is_arraylike(x: Any) -> bool:
+    """True for arrays and for `jax.ShapeDtypeStruct`s (abstract arrays)."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def path_str(root: Any, keypath: Sequence[Any]) -> str:
+    """A readable PyTree path: `GPT.blocks.mlp.w_in`, `MLP.layers[0].weight`."""
+    parts = [type(root).__name__]
+    for key in keypath:
+        if isinstance(key, GetAttrKey):
+            parts.append(f".{key.name}")
+        elif isinstance(key, SequenceKey):
+            parts.append(f"[{key.idx}]")
+        elif isinstance(key, DictKey):
+            parts.append(f"[{key.key!r}]")
+        else:
+            parts.append(str(key))
+    return "".join(parts)
+
+
+def _relative_str(keypath: Sequence[Any]) -> str:
+    return path_str(None, keypath).removeprefix("NoneType").lstrip(".")
+
+
+# --- built-in defaults for eqx.nn layers --------------------------------------------
+
+
+def _conv_axes(layer: Any, name: str) -> AxisNames | None:
+    spatial = (None,) * layer.num_spatial_dims
+    if name == "weight":
+        return ("out", "in", *spatial)
+    if name == "bias":
+        return ("out", *spatial)
+    return None
+
+
+_DEFAULTS: list[tuple[type, Callable[[Any, str], AxisNames | None]]] = [
+    (eqx.nn.Linear, lambda m, n: {"weight": ("out", "in"), "bias": ("out",)}.get(n)),
+    (eqx.nn.Embedding, lambda m, n: ("vocab", "embed") if n == "weight" else None),
+    (eqx.nn.LayerNorm, lambda m, n: ("embed",) if n in ("weight", "bias") else None),
+    (eqx.nn.RMSNorm, lambda m, n: ("embed",) if n in ("weight", "bias") else None),
+    (eqx.nn.GroupNorm, lambda m, n: ("out",) if n in ("weight", "bias") else None),
+    (eqx.nn.Conv, _conv_axes),
+    (eqx.nn.ConvTranspose, _conv_axes),
+]
+
+# MultiheadAttention's projections: heads*head_size is one merged dim whose contiguous
+# chunks are whole heads, so naming it `heads` shards attention Megatron-style.
+_ATTENTION_PROJ: dict[str, dict[str, AxisNames]] = {
+    "query_proj": {"weight": ("heads", "embed"), "bias": ("heads",)},
+    "key_proj": {"weight": ("heads", "embed"), "bias": ("heads",)},
+    "value_proj": {"weight": ("heads", "embed"), "bias": ("heads",)},
+    "output_proj": {"weight": ("embed", "heads"), "bias": ("embed",)},
+}
+
+
+def _default_axes(parent: Any, name: str) -> AxisNames | None:
+    for cls, rule in _DEFAULTS:
+        if isinstance(parent, cls):
+            return rule(parent, name)
+    return None
+
+
+# --- jaxtyping annotations ----------------------------------------------------------
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        module = sys.modules.get(cls.__module__)
+        return typing.get_type_hints(
+            cls, globalns=getattr(module, "__dict__", None), include_extras=True
+        )
+    except Exception:
+        # Unresolvable annotations (e.g. names only imported under TYPE_CHECKING):
+        # fall back to the raw objects, which are still jaxtyping types when evaluated.
+        return {
+            k: v
+            for c in reversed(cls.__mro__)
+            for k, v in getattr(c, "__annotations__", {}).items()
+            if not isinstance(v, str)
+        }
+
+
+def _jaxtyping_dims(hint: Any) -> str | None:
+    """The dim string of a jaxtyping array type, looking inside `X | None`."""
+    dim_str = getattr(hint, "dim_str", None)
+    if isinstance(dim_str, str):
+        return dim_str
+    for arg in typing.get_args(hint):
+        found = _jaxtyping_dims(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _parse_dim_str(dim_str: str) -> tuple[AxisNames, AxisNames] | AxisNames:
+    """Logical names of a jaxtyping dim string.
+
+    Returns a tuple of names, or, when a variadic dim (`*batch`, `...`) is present, a
+    pair (names before it, names after it): the variadic part is unnamed.
+    """
+    before: list[str | None] = []
+    after: list[str | None] = []
+    current = before
+    variadic = False
+    for token in dim_str.split():
+        token = token.lstrip("#?")
+        if token.startswith("*") or token == "...":
+            variadic = True
+            current = after
+            continue
+        is_name = re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", token) is not None
+        current.append(token if is_name else None)
+    if variadic:
+        return tuple(before), tuple(after)
+    return tuple(before)
+
+
+# --- resolution ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Declared:
+    """What one source says about a leaf: names, and where they came from."""
+
+    names: AxisNames | tuple[AxisNames, AxisNames]
+    source: str
+
+
+def _field_metadata(module: Any, name: str) -> Any:
+    for f in dataclasses.fields(module):
+        if f.name == name:
+            return f.metadata.get(_AXES_KEY)
+    return None
+
+
+def _declared_for_leaf(
+    root: Any,
+    keypath: Sequence[Any],
+    rules: PathRules,
+    used_dict_keys: set[tuple[str, str]],
+) -> _Declared | None:
+    path = path_str(root, keypath)
+    for pattern, axes in rules:
+        if re.search(pattern, path):
+            return _Declared(tuple(axes), f"plan rule {pattern!r}")
+
+    # Walk down the key path; `hops` records each (module, field) step taken.
+    node = root
+    hops: list[tuple[Any, str]] = []
+    per_use: _Declared | None = None  # the outermost per-use dict wins
+    for depth, key in enumerate(keypath):
+        if isinstance(node, eqx.Module) and isinstance(key, GetAttrKey):
+            meta = _field_metadata(node, key.name)
+            rel = _relative_str(keypath[depth + 1 :])
+            if per_use is None and isinstance(meta, Mapping) and rel in meta:
+                owner = path_str(root, keypath[: depth + 1])
+                used_dict_keys.add((owner, rel))
+                per_use = _Declared(meta[rel], f"per-use axes on `{owner}`")
+            hops.append((node, key.name))
+        else:
+            hops.append((None, ""))
+        node = _child(node, key)
+    if per_use is not None:
+        return per_use
+    parent, name = hops[-1] if hops else (None, "")
+    if parent is None:
+        return None
+    meta = _field_metadata(parent, name)
+    if meta is not None and not isinstance(meta, Mapping):
+        return _Declared(meta, f"tx.field on `{type(parent).__name__}.{name}`")
+    hint = _type_hints(type(parent)).get(name)
+    dim_str = _jaxtyping_dims(hint) if hint is not None else None
+    if dim_str is not None:
+        return _Declared(_parse_dim_str(dim_str), f"annotation {dim_str!r}")
+    grandparent, proj = hops[-2] if len(hops) >= 2 else (None, "")
+    if isinstance(grandparent, eqx.nn.MultiheadAttention) and proj in _ATTENTION_PROJ:
+        return _Declared(_ATTENTION_PROJ[proj][name], "MultiheadAttention default")
+    default = _default_axes(parent, name)
+    if default is not None:
+        return _Declared(default, f"{type(parent).__name__} default")
+    return None
+
+
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(key, SequenceKey):
+        return node[key.idx]
+    if isinstance(key, DictKey):
+        return node[key.key]
+    if isinstance(key, GetAttrKey):
+        return getattr(node, key.name)
+    return None
+
+
+def _fit_to_rank(declared: _Declared, ndim: int, path: str) -> AxisNames:
+    names = declared.names
+    if len(names) == 2 and all(isinstance(part, tuple) for part in names):
+        before, after = typing.cast(tuple[AxisNames, AxisNames], names)
+        fill = ndim - len(before) - len(after)
+        if fill < 0:
+            _raise_rank(declared, before + after, ndim, path)
+        return before + (None,) * fill + after
+    names = typing.cast(AxisNames, names)
+    extra = ndim - len(names)
+    if extra < 0:
+        _raise_rank(declared, names, ndim, path)
+    stacked = tuple(_LAYERS if i == 0 else f"{_LAYERS}_{i}" for i in range(extra))
+    return stacked + names
+
+
+def _raise_rank(declared: _Declared, names: AxisNames, ndim: int, path: str) -> None:
+    raise ShardingError(
+        f"{declared.source} names {len(names)} dims {names}, but the array at "
+        f"`{path}` has only {ndim}.",
+        path=path,
+        suggestion="Name exactly one axis (or None) per dim of the array.",
+    )
+
+
+def logical_axes(model: Any, rules: PathRules = ()) -> Any:
+    """The logical axes of every array in `model`.
+
+    **Arguments:**
+
+    - `model`: an `eqx.Module` (or its `eqx.filter_eval_shape` output).
+    - `rules`: path rules `[(regex, axes), ...]`, matched with `re.search` against
+        paths like `GPT.blocks.w_qkv`; the first match wins over every other source.
+
+    **Returns:** a PyTree with the structure of `eqx.filter(model, eqx.is_array)`: each
+    array becomes a `PartitionSpec` of logical names (`None` for unnamed dims), each
+    non-array `None`.
+
+    **Raises:** `ShardingError` if `model` is not an `eqx.Module`, if a source names
+    more dims than an array has, or if a per-use axes dict names no existing leaf.
+    """
+    if not isinstance(model, eqx.Module):
+        raise ShardingError(
+            f"Expected an `eqx.Module` as the model, got {type(model).__name__}.",
+            suggestion=(
+                "Wrap your parameters in an `eqx.Module`; for foreign PyTrees, name "
+                "their axes with `Plan(rules=[(regex, axes)])` on such a module."
+            ),
+        )
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
+    used_dict_keys: set[tuple[str, str]] = set()
+    specs = []
+    for keypath, leaf in leaves:
+        if not is_arraylike(leaf):
+            specs.append(None)
+            continue
+        declared = _declared_for_leaf(model, keypath, rules, used_dict_keys)
+        if declared is None:
+            specs.append(PartitionSpec(*([None] * len(leaf.shape))))
+            continue
+        path = path_str(model, keypath)
+        specs.append(PartitionSpec(*_fit_to_rank(declared, len(leaf.shape), path)))
+    _check_per_use_dicts(model, used_dict_keys)
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def _iter_modules(node: Any, prefix: tuple[Any, ...] = ()) -> Any:
+    """Every `eqx.Module` inside `node` (itself included), with its key path."""
+    yield prefix, node
+    children = jax.tree_util.tree_flatten_with_path(
+        node, is_leaf=lambda x: x is not node and isinstance(x, eqx.Module)
+    )[0]
+    for keypath, child in children:
+        if isinstance(child, eqx.Module):
+            yield from _iter_modules(child, (*prefix, *keypath))
+
+
+def _check_per_use_dicts(model: Any, used: set[tuple[str, str]]) -> None:
+    """Every key of every per-use axes dict must name an array that exists."""
+    for keypath, module in _iter_modules(model):
+        for f in dataclasses.fields(module):
+            meta = f.metadata.get(_AXES_KEY)
+            if not isinstance(meta, Mapping):
+                continue
+            owner = path_str(model, (*keypath, GetAttrKey(f.name)))
+            for rel in meta:
+                if (owner, rel) not in used:
+                    known = _leaf_names(getattr(module, f.name))
+                    raise ShardingError(
+                        f"The axes dict on `{owner}` names `{rel}`, but that field "
+                        f"holds no array there; its arrays are {known}.",
+                        path=owner,
+                        suggestion=f"Use one of {known} as the key.",
+                    )
+
+
+def _leaf_names(sub: Any) -> list[str]:
+    leaves = jax.tree_util.tree_flatten_with_path(sub)[0]
+    return [_relative_str(path) for path, leaf in leaves if is_arraylike(leaf)]

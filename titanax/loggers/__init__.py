@@ -1,0 +1,17 @@
+"""Loggers for training runs, a throughput meter and the run header.
+
+Every logger has `header(info)`, `log(step, metrics)` and `close()` (the `Logger`
+protocol); the trainer fetches metrics to the host before calling `log`.
+"""
+
+from ._base import Logger as Logger
+from ._console import Basic as Basic
+from ._console import CompactBasic as CompactBasic
+from ._csv import CSV as CSV
+from ._header import describe_devices as describe_devices
+from ._header import run_header as run_header
+from ._header import versions as versions
+from ._meter import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
+from ._meter import Meter as Meter
+from ._meter import peak_flops_per_device as peak_flops_per_device
+from ._tensorboard import TensorBoard as TensorBoard

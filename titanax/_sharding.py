@@ -64,13 +64,15 @@ def shard(model: Any, plan: Plan, mesh: Mesh) -> Any:
 
     **Returns:** the same model with every array a sharded `jax.Array`.
 
-    For large models prefer `tx.init`, which never materialises the whole model.
+    The placed arrays are copies: donating them later (as the training step does)
+    never deletes the caller's arrays. For large models prefer `tx.init`, which
+    never materialises the whole model.
     """
     tree = shardings(model, plan, mesh)
     params, static = eqx.partition(model, eqx.is_array)
-    placed = jax.tree.map(
-        lambda x, s: jax.device_put(x, s), params, tree, is_leaf=lambda x: x is None
-    )
+    # A compiled identity writes fresh buffers; `jax.device_put` may alias the
+    # caller's (even with `may_alias=False` on CPU), and donation would delete them.
+    placed = jax.jit(lambda p: p, out_shardings=tree)(params)
     return eqx.combine(placed, static)
 
 
@@ -92,6 +94,17 @@ def init(
 
     **Returns:** the model, its arrays sharded.
     """
+    program, static = _init_program(make_model, key, plan, mesh)
+    return eqx.combine(program(key), static)
+
+
+def _init_program(
+    make_model: Callable[[jax.Array], Any], key: jax.Array, plan: Plan, mesh: Mesh
+) -> tuple[Any, Any]:
+    """The jitted `key -> arrays` program `init` runs, and the model's static part.
+
+    Kept separate so that tests and `explain` can lower and inspect the program.
+    """
     abstract = eqx.filter_eval_shape(make_model, key)
     tree = shardings(abstract, plan, mesh)
     static = eqx.filter(abstract, lambda x: not is_arraylike(x))
@@ -99,5 +112,4 @@ def init(
     def make_params(k: jax.Array) -> Any:
         return eqx.filter(make_model(k), eqx.is_array)
 
-    params = jax.jit(make_params, out_shardings=tree)(key)
-    return eqx.combine(params, static)
+    return jax.jit(make_params, out_shardings=tree), static

@@ -1,0 +1,134 @@
+"""Host batches → global arrays sharded over the plan's data axes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .._axes import path_str
+from .._errors import TrainerError
+from .._plan import Plan
+
+__all__ = ["BatchSpec", "put_batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """The structure every batch of a run must have: treedef, per-leaf global shape
+    and dtype. The first batch fixes it; a different one is an error, not a silent
+    recompilation."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    paths: tuple[str, ...]
+
+    def check(self, treedef: Any, leaves: list[Any]) -> None:
+        """Raise `TrainerError` naming the first leaf that differs."""
+        if treedef != self.treedef:
+            raise TrainerError(
+                f"This batch's structure {treedef} differs from the first batch's "
+                f"{self.treedef}.",
+                suggestion="Yield batches with the same keys/structure every step.",
+            )
+        for path, shape, dtype, leaf in zip(
+            self.paths, self.shapes, self.dtypes, leaves, strict=True
+        ):
+            found = (tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+            if found != (shape, dtype):
+                raise TrainerError(
+                    f"Batch leaf `{path}` has shape {found[0]} and dtype {found[1]}, "
+                    f"but the first batch had {shape} and {dtype}.",
+                    path=path,
+                    suggestion=(
+                        "Keep batch shapes fixed (drop or pad the last partial batch); "
+                        "a new shape would recompile the step."
+                    ),
+                )
+
+
+def _leaf_paths(batch: Any) -> tuple[str, ...]:
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return tuple(
+        path_str(batch, p).removeprefix(type(batch).__name__) or "batch"
+        for p, _ in flat
+    )
+
+
+def batch_shardings(leaves: list[Any], plan: Plan, mesh: Mesh) -> list[NamedSharding]:
+    """One `NamedSharding` per batch leaf: leading dim over the data axes."""
+    return [NamedSharding(mesh, plan.batch_spec(np.ndim(x))) for x in leaves]
+
+
+def check_batch_divides(batch: Any, plan: Plan, mesh: Mesh) -> None:
+    """Raise `TrainerError` unless every leaf's leading (global) dim splits over the
+    data axes, and into `plan.accumulate_steps` microbatches."""
+    need = plan.data_parallel_size(mesh) * plan.accumulate_steps
+    paths = _leaf_paths(batch)
+    for path, leaf in zip(paths, jax.tree.leaves(batch), strict=True):
+        if np.ndim(leaf) == 0:
+            raise TrainerError(
+                f"Batch leaf `{path}` is a scalar; batch leaves need a leading "
+                "batch dim.",
+                path=path,
+                suggestion="Give every batch leaf a leading batch dimension.",
+            )
+        size = np.shape(leaf)[0]
+        if size % need:
+            over = " x ".join(f"{a}={mesh.shape[a]}" for a in plan.data_axes) or "1"
+            acc = plan.accumulate_steps
+            detail = f" x {acc} microbatches" if acc > 1 else ""
+            raise TrainerError(
+                f"The global batch of {size} at `{path}` does not split over the "
+                f"data axes ({over}){detail} = {need}.",
+                path=path,
+                suggestion=f"Use a global batch size divisible by {need}.",
+            )
+
+
+def put_batch(batch: Any, plan: Plan, mesh: Mesh) -> Any:
+    """Place a host batch as global arrays sharded over the plan's data axes.
+
+    On many hosts each process passes its own slice of the global batch (its rows, in
+    process order); the result is one global `jax.Array` per leaf, built with
+    `jax.make_array_from_process_local_data`.
+
+    **Arguments:**
+
+    - `batch`: a PyTree of numpy (or jax) arrays with a leading batch dim.
+    - `plan`, `mesh`: the layout; the leading dim is split over `plan.data_axes`.
+
+    **Returns:** the batch as sharded global `jax.Array`s.
+
+    **Raises:** `TrainerError` if a leaf's leading dim does not split evenly.
+    """
+    if jax.process_count() == 1:
+        check_batch_divides(batch, plan, mesh)  # before any transfer
+    leaves, treedef = jax.tree.flatten(batch)
+    placed = [
+        _place(leaf, sharding)
+        for leaf, sharding in zip(
+            leaves, batch_shardings(leaves, plan, mesh), strict=True
+        )
+    ]
+    placed_batch = jax.tree.unflatten(treedef, placed)
+    if jax.process_count() > 1:
+        check_batch_divides(placed_batch, plan, mesh)  # global shapes, still pre-step
+    return placed_batch
+
+
+def _place(leaf: Any, sharding: NamedSharding) -> jax.Array:
+    if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+        return leaf
+    if jax.process_count() == 1:
+        return jax.device_put(leaf, sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that keeps a whole copy on every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())

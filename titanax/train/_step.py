@@ -1,0 +1,533 @@
+"""`tx.make_train_step`: the compiled, sharded, donated training step.
+
+The step is a `jax.jit` over the flat list of the TrainState's arrays (the static
+half is closed over; the treedef is computed once), with `in_shardings` and
+`out_shardings` pinned from the plan and the state donated. Not `eqx.filter_jit`: it
+blocks the host on every call and refuses shardings (see `jax-notes.md`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .._axes import path_str
+from .._errors import TrainerError
+from .._plan import Plan
+from .._sharding import init as sharded_init
+from .._sharding import shard, shardings
+from ..optim import current_lr
+from ._batch import (
+    BatchSpec,
+    _leaf_paths,
+    batch_shardings,
+    check_batch_divides,
+    replicated,
+)
+from ._precision import Precision
+from ._state import TrainState
+
+__all__ = ["LossFn", "TrainStep", "make_train_step"]
+
+LossFn = Callable[[Any, Any, jax.Array | None], Any]
+Trainable = Any  # an Equinox filter spec PyTree, or (path: str, leaf) -> bool
+_EVAL_KEY = None  # evaluation runs the loss with key=None: no dropout
+
+
+def _split_loss_output(out: Any, where: str) -> tuple[jax.Array, dict[str, Any]]:
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        loss, metrics = out
+    else:
+        loss, metrics = out, {}
+    if not hasattr(loss, "shape") or tuple(loss.shape) != ():
+        shape = getattr(loss, "shape", type(loss).__name__)
+        raise TrainerError(
+            f"{where} must return a scalar loss (or `(loss, metrics_dict)`), got a "
+            f"loss of shape {shape}.",
+            suggestion="Reduce the loss over the batch, e.g. `jnp.mean(per_example)`.",
+        )
+    for name, value in metrics.items():
+        if not hasattr(value, "shape") or tuple(value.shape) != ():
+            raise TrainerError(
+                f"{where} returned metric `{name}` of shape "
+                f"{getattr(value, 'shape', type(value).__name__)}; metrics must be "
+                "scalars.",
+                suggestion=f"Reduce `{name}` to a scalar (e.g. its batch mean).",
+            )
+    return loss, dict(metrics)
+
+
+def resolve_trainable(model: Any, trainable: Trainable | None) -> Any:
+    """A bool per leaf of `model`: True for arrays that train.
+
+    **Arguments:**
+
+    - `model`: the model.
+    - `trainable`: `None` (every array), an Equinox filter spec PyTree (as for
+        `eqx.partition`), or a callable `(path, leaf) -> bool` where `path` reads like
+        `GPT.blocks.w_qkv`.
+
+    **Raises:** `TrainerError` if nothing would train.
+    """
+    if trainable is None:
+        spec: Any = eqx.is_array
+    elif callable(trainable) and not isinstance(trainable, eqx.Module):
+        spec = jax.tree_util.tree_map_with_path(
+            lambda p, x: eqx.is_array(x) and bool(trainable(path_str(model, p), x)),
+            model,
+        )
+    else:
+        spec = trainable
+    chosen, _ = eqx.partition(model, spec)
+    mask = jax.tree.map(
+        lambda x: x is not None and eqx.is_array(x), chosen, is_leaf=lambda x: x is None
+    )
+    if not any(jax.tree.leaves(mask)):
+        raise TrainerError(
+            "The trainable set is empty: `trainable` selects no array of the model.",
+            suggestion=(
+                "Pass a filter that selects at least one parameter, e.g. "
+                "`trainable=lambda path, x: 'head' in path`."
+            ),
+        )
+    return mask
+
+
+class TrainStep:
+    """A compiled training step and the functions around it.
+
+    Built by `tx.make_train_step`. Unpacks as `init, step = tx.make_train_step(...)`.
+
+    **Methods:**
+
+    - `init(model, key) -> TrainState`: place the model (or build it sharded, if
+        `model` is a `key -> Module` function), create the optimizer state with pinned
+        shardings, and return the `TrainState`.
+    - `step(state, batch) -> (state, metrics)`: one optimizer step. `batch` is a host
+        (numpy) PyTree or the output of `put_batch`. The old state is donated.
+    - `put_batch(batch)`: place a host batch over the data axes.
+    - `evaluate(state, batch) -> metrics`: the loss and metrics without an update.
+    - `lower(state, batch)`: the `jax.stages.Lowered` step, for HLO inspection.
+    """
+
+    def __init__(
+        self,
+        loss: LossFn,
+        optimizer: optax.GradientTransformation,
+        plan: Plan,
+        mesh: Mesh,
+        *,
+        trainable: Trainable | None = None,
+        precision: Precision | None = None,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        donate: bool = True,
+    ):
+        if not callable(loss):
+            raise TrainerError(
+                f"`loss` must be a function `(model, batch, key) -> loss`, got "
+                f"{type(loss).__name__}.",
+                suggestion="Pass e.g. `loss=lambda model, batch, key: ...`.",
+            )
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TrainerError(
+                f"`optimizer` must be an optax.GradientTransformation, got "
+                f"{type(optimizer).__name__}.",
+                suggestion="Use e.g. `tx.optim.adamw(1e-3)` or `optax.sgd(0.1)`.",
+            )
+        if on_nonfinite not in ("raise", "skip"):
+            raise TrainerError(
+                f'`on_nonfinite` must be "raise" or "skip", got {on_nonfinite!r}.',
+                suggestion='Use "raise" (default) or "skip".',
+            )
+        if not isinstance(plan, Plan):
+            raise TrainerError(
+                f"`plan` must be a `tx.Plan`, got {type(plan).__name__}.",
+                suggestion="Use e.g. `tx.Plan(dp=tx.DP())`.",
+            )
+        plan.check_mesh(mesh)
+        self.loss = loss
+        self.optimizer = optimizer
+        self.plan = plan
+        self.mesh = mesh
+        self.trainable = trainable
+        self.precision = precision if precision is not None else Precision.fp32()
+        self.on_nonfinite = on_nonfinite
+        self._donate = donate
+        self._treedef: Any = None
+        self._static_leaves: list[Any] = []
+        self._array_index: list[int] = []
+        self._state_shardings: list[NamedSharding] = []
+        self._mask: Any = None
+        self._batch_spec: BatchSpec | None = None
+        self._jitted: Any = None
+        self._jitted_eval: Any = None
+
+    def __iter__(self) -> Iterator[Callable[..., Any]]:
+        return iter((self.init, self.step))
+
+    # --- state ----------------------------------------------------------------------
+
+    def init(self, model: Any, key: jax.Array | int = 0) -> TrainState:
+        """Build the sharded `TrainState` (see the class docstring)."""
+        key = jax.random.key(key) if isinstance(key, int) else key
+        model_key, run_key = jax.random.split(key)
+        if callable(model) and not isinstance(model, eqx.Module):
+            model = sharded_init(model, model_key, self.plan, self.mesh)
+        else:
+            model = shard(model, self.plan, self.mesh)
+        self._mask = resolve_trainable(model, self.trainable)
+        trainable = eqx.filter(model, self._mask)
+        opt_state = self._init_opt_state(model, trainable)
+        rep = replicated(self.mesh)
+
+        def scalar(value: int, dtype: Any) -> jax.Array:
+            return jax.device_put(jnp.asarray(value, dtype), rep)
+
+        loss_scale = self.precision.initial_loss_scale()
+        state = TrainState(
+            model=model,
+            opt_state=opt_state,
+            step=scalar(0, jnp.int32),
+            rng=jax.device_put(jax.random.key_data(run_key), rep),
+            data_position=scalar(0, jnp.int32),
+            loss_scale=jax.device_put(loss_scale, rep) if loss_scale else None,
+            bad_steps=scalar(0, jnp.int32),
+            first_bad_step=scalar(-1, jnp.int32),
+        )
+        self._bind(state)
+        return state
+
+    def _init_opt_state(self, model: Any, trainable: Any) -> Any:
+        # Pin the optimizer state's shardings to its parameters' (jax-notes: a plain
+        # `jit(opt.init)` puts Adam moments whole on one device).
+        param_shardings = eqx.filter(shardings(model, self.plan, self.mesh), self._mask)
+        abstract = jax.eval_shape(self.optimizer.init, trainable)
+        opt_shardings = optax.tree_map_params(
+            self.optimizer,
+            lambda _, sharding: sharding,
+            abstract,
+            param_shardings,
+            transform_non_params=lambda _: replicated(self.mesh),
+            is_leaf=lambda x: x is None,
+        )
+        return jax.jit(self.optimizer.init, out_shardings=opt_shardings)(trainable)
+
+    def _bind(self, state: TrainState) -> None:
+        """Remember the state's structure and shardings; (re)build the step."""
+        leaves, treedef = jax.tree.flatten(state)
+        self._treedef = treedef
+        self._array_index = [i for i, x in enumerate(leaves) if eqx.is_array(x)]
+        self._static_leaves = [None if eqx.is_array(x) else x for x in leaves]
+        self._state_shardings = [leaves[i].sharding for i in self._array_index]
+        if self._mask is None:
+            self._mask = resolve_trainable(state.model, self.trainable)
+        self._jitted = None
+        self._jitted_eval = None
+
+    def flatten(self, state: TrainState) -> list[jax.Array]:
+        """The state's arrays as a flat list (the step's own representation)."""
+        if self._treedef is None:
+            self._mask = None
+            self._bind(state)
+        leaves, treedef = jax.tree.flatten(state)
+        if treedef != self._treedef:
+            raise TrainerError(
+                "This TrainState's structure differs from the one the step was built "
+                "for.",
+                suggestion="Use the state returned by `init` or by the previous step.",
+            )
+        return [leaves[i] for i in self._array_index]
+
+    def unflatten(self, arrays: list[jax.Array]) -> TrainState:
+        """The inverse of `flatten`."""
+        leaves = list(self._static_leaves)
+        for i, x in zip(self._array_index, arrays, strict=True):
+            leaves[i] = x
+        return jax.tree.unflatten(self._treedef, leaves)
+
+    @property
+    def state_shardings(self) -> list[NamedSharding]:
+        """The pinned sharding of each array of the state, in `flatten` order."""
+        return list(self._state_shardings)
+
+    # --- batches --------------------------------------------------------------------
+
+    def put_batch(self, batch: Any) -> list[jax.Array]:
+        """Check a batch against the first one and place it; returns flat leaves."""
+        leaves, treedef = jax.tree.flatten(batch)
+        if self._batch_spec is None:
+            check_batch_divides(batch, self.plan, self.mesh)
+            self._batch_spec = BatchSpec(
+                treedef=treedef,
+                shapes=tuple(tuple(np.shape(x)) for x in leaves),
+                dtypes=tuple(np.dtype(x.dtype) for x in leaves),
+                paths=_leaf_paths(batch),
+            )
+        else:
+            self._batch_spec.check(treedef, leaves)
+        shardings_ = batch_shardings(leaves, self.plan, self.mesh)
+        if jax.process_count() == 1:
+            return [
+                x
+                if isinstance(x, jax.Array) and x.sharding == s
+                else jax.device_put(x, s)
+                for x, s in zip(leaves, shardings_, strict=True)
+            ]
+        return [
+            jax.make_array_from_process_local_data(s, np.asarray(x))
+            for x, s in zip(leaves, shardings_, strict=True)
+        ]
+
+    # --- the step -------------------------------------------------------------------
+
+    def _check_loss(self, arrays: list[jax.Array], batch: list[jax.Array]) -> None:
+        """Trace the loss once, abstractly, to catch a bad return before compiling."""
+        state = self.unflatten(arrays)
+        assert self._batch_spec is not None
+        one = self._batch_spec.treedef.unflatten(batch)
+
+        def run(model: Any, b: Any) -> Any:
+            return self.loss(self.precision.cast(model), self.precision.cast(b), None)
+
+        out = eqx.filter_eval_shape(run, state.model, one)
+        _split_loss_output(out, "`loss`")
+
+    def _build(self, arrays: list[jax.Array], batch: list[jax.Array]) -> None:
+        self._check_loss(arrays, batch)
+        batch_sh = [x.sharding for x in batch]
+        rep = replicated(self.mesh)
+        self._jitted = jax.jit(
+            self._train_step,
+            in_shardings=(self._state_shardings, batch_sh),
+            out_shardings=(self._state_shardings, rep),
+            donate_argnums=(0,) if self._donate else (),
+        )
+
+    def step_flat(
+        self, arrays: list[jax.Array], batch: list[jax.Array]
+    ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+        """`step` on the flat representation (no PyTree work on the host)."""
+        if self._jitted is None:
+            self._build(arrays, batch)
+        return self._jitted(arrays, batch)
+
+    def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """One optimizer step; returns the new state and on-device metrics."""
+        arrays = self.flatten(state)
+        placed = self.put_batch(batch)
+        new_arrays, metrics = self.step_flat(arrays, placed)
+        return self.unflatten(new_arrays), metrics
+
+    __call__ = step
+
+    def lower(self, state: TrainState, batch: Any) -> Any:
+        """The lowered step (`.compile().as_text()` gives its HLO)."""
+        arrays = self.flatten(state)
+        placed = self.put_batch(batch)
+        if self._jitted is None:
+            self._build(arrays, placed)
+        return self._jitted.lower(arrays, placed)
+
+    def _loss_and_grads(
+        self, trainable: Any, frozen: Any, batch: Any, key: jax.Array, scale: Any
+    ) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+        precision = self.precision
+
+        def objective(params: Any, b: Any, k: jax.Array) -> Any:
+            model = precision.cast(eqx.combine(params, frozen))
+            loss, metrics = _split_loss_output(
+                self.loss(model, precision.cast(b), k), "`loss`"
+            )
+            loss = loss.astype(jnp.float32)
+            metrics = {n: v.astype(jnp.float32) for n, v in metrics.items()}
+            scaled = loss * scale if scale is not None else loss
+            return scaled, (loss, metrics)
+
+        grad_fn = jax.grad(objective, has_aux=True)
+        steps = self.plan.accumulate_steps
+        if steps == 1:
+            grads, (loss, metrics) = grad_fn(trainable, batch, key)
+            return grads, loss, metrics
+        return self._accumulate(grad_fn, trainable, batch, key, steps)
+
+    def _accumulate(
+        self, grad_fn: Any, trainable: Any, batch: Any, key: jax.Array, steps: int
+    ) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+        # Accumulate per data shard and reduce once: a plain scan over microbatches of
+        # the global batch would all-reduce gradients K times (jax-notes). So the
+        # batch gets an explicit leading dim D over the pure-DP axis; each shard scans
+        # its K microbatches locally (vmap), and the mean over D is the one reduction.
+        dp, fsdp = self.plan.dp, self.plan.fsdp
+        pure_dp = dp is not None and (fsdp is None or fsdp.axis != dp.axis)
+        shards = self.mesh.shape[dp.axis] if pure_dp and dp is not None else 1
+        # The D dim lives on the pure-DP axis; within a shard, FSDP's axis (or, with
+        # no pure-DP axis, every data axis) still splits each microbatch's rows.
+        outer = dp.axis if pure_dp and dp is not None else None
+        inner_axes = tuple(a for a in self.plan.data_axes if a != outer)
+        inner = inner_axes[0] if len(inner_axes) == 1 else (inner_axes or None)
+        spec = PartitionSpec(outer, None, inner)
+
+        def split(x: jax.Array) -> jax.Array:
+            micro = x.shape[0] // (shards * steps)
+            x = x.reshape(shards, steps, micro, *x.shape[1:])  # (D, K, b, ...)
+            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+        def one_shard(shard_batch: Any, shard: jax.Array) -> Any:
+            def body(acc: Any, inputs: Any) -> Any:
+                micro_batch, index = inputs
+                k = jax.random.fold_in(jax.random.fold_in(key, shard), index)
+                grads, (loss, metrics) = grad_fn(trainable, micro_batch, k)
+                return jax.tree.map(jnp.add, acc, (grads, loss, metrics)), None
+
+            first = jax.tree.map(lambda x: x[0], shard_batch)
+            shapes = jax.eval_shape(lambda b: grad_fn(trainable, b, key), first)
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype),
+                (shapes[0], shapes[1][0], shapes[1][1]),
+            )
+            total, _ = jax.lax.scan(body, zeros, (shard_batch, jnp.arange(steps)))
+            return jax.tree.map(lambda x: x / steps, total)
+
+        split_batch = jax.tree.map(split, batch)
+        per_shard = jax.vmap(one_shard)(split_batch, jnp.arange(shards))
+        grads, loss, metrics = jax.tree.map(lambda x: jnp.mean(x, 0), per_shard)
+        return grads, loss, metrics
+
+    def _train_step(
+        self, arrays: list[jax.Array], batch_leaves: list[jax.Array]
+    ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+        state = self.unflatten(arrays)
+        assert self._batch_spec is not None
+        batch = self._batch_spec.treedef.unflatten(batch_leaves)
+        key = jax.random.fold_in(state.key, state.step)
+        trainable, frozen = eqx.partition(state.model, self._mask)
+        scale = state.loss_scale.scale if state.loss_scale is not None else None
+        grads, loss, metrics = self._loss_and_grads(
+            trainable, frozen, batch, key, scale
+        )
+        if scale is not None:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite step changes nothing but the counters (and fp16's scale), so
+        # the state is never poisoned: the trainer raises or goes on from here.
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.where(finite, a, b), new, old
+        )
+        new_trainable = keep(new_trainable, trainable)
+        opt_state = keep(opt_state, state.opt_state)
+        bad = ~finite
+        new_state = TrainState(
+            model=eqx.combine(new_trainable, frozen),
+            opt_state=opt_state,
+            step=state.step + 1,
+            rng=state.rng,
+            data_position=state.data_position + 1,
+            loss_scale=(
+                self.precision.next_loss_scale(state.loss_scale, finite)
+                if state.loss_scale is not None
+                else None
+            ),
+            bad_steps=state.bad_steps + bad.astype(jnp.int32),
+            first_bad_step=jnp.where(
+                bad & (state.first_bad_step < 0), state.step, state.first_bad_step
+            ),
+        )
+        out = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        lr = current_lr(opt_state)
+        if lr is not None:
+            out["lr"] = jnp.asarray(lr, jnp.float32)
+        if scale is not None:
+            out["loss_scale"] = scale
+        return [jax.tree.leaves(new_state)[i] for i in self._array_index], out
+
+    # --- evaluation -----------------------------------------------------------------
+
+    def evaluate_flat(
+        self, arrays: list[jax.Array], batch: list[jax.Array]
+    ) -> dict[str, jax.Array]:
+        """Loss and metrics of one batch, no update (the loss sees `key=None`)."""
+        if self._jitted_eval is None:
+            self._check_loss(arrays, batch)
+            self._jitted_eval = jax.jit(
+                self._eval_step,
+                in_shardings=(self._state_shardings, [x.sharding for x in batch]),
+                out_shardings=replicated(self.mesh),
+            )
+        return self._jitted_eval(arrays, batch)
+
+    def evaluate(self, state: TrainState, batch: Any) -> dict[str, jax.Array]:
+        """Loss and metrics of one batch under `state`, without an update."""
+        return self.evaluate_flat(self.flatten(state), self.put_batch(batch))
+
+    def _eval_step(
+        self, arrays: list[jax.Array], batch_leaves: list[jax.Array]
+    ) -> dict[str, jax.Array]:
+        state = self.unflatten(arrays)
+        assert self._batch_spec is not None
+        batch = self._batch_spec.treedef.unflatten(batch_leaves)
+        model = self.precision.cast(state.model)
+        loss, metrics = _split_loss_output(
+            self.loss(model, self.precision.cast(batch), _EVAL_KEY), "`loss`"
+        )
+        out = {"loss": loss, **metrics}
+        return {n: jnp.asarray(v, jnp.float32) for n, v in out.items()}
+
+
+def make_train_step(
+    loss: LossFn,
+    optimizer: optax.GradientTransformation,
+    plan: Plan,
+    mesh: Mesh,
+    *,
+    trainable: Trainable | None = None,
+    precision: Precision | None = None,
+    on_nonfinite: Literal["raise", "skip"] = "raise",
+    donate: bool = True,
+) -> TrainStep:
+    """Build a compiled training step, for users who keep their own loop.
+
+    **Arguments:**
+
+    - `loss`: `loss(model, batch, key) -> loss` or `-> (loss, metrics_dict)`; `loss`
+        and metrics are scalars. `key` is a per-step (and per-microbatch) PRNG key;
+        evaluation passes `None`.
+    - `optimizer`: an Optax transformation (e.g. `tx.optim.adamw(...)`).
+    - `plan`, `mesh`: the parallel layout.
+    - `trainable`: which arrays train: `None` (all), an Equinox filter spec, or
+        `(path, leaf) -> bool`. Frozen arrays get no gradient and no optimizer state.
+    - `precision`: a `tx.Precision` (default fp32).
+    - `on_nonfinite`: a step whose loss or gradient norm is not finite is always
+        skipped (the state is kept); `"raise"` lets `tx.Trainer` raise at the next
+        log step naming it, `"skip"` goes on. The counts are in the state.
+    - `donate`: donate the old state's buffers to the new one (default True).
+
+    **Returns:** a `TrainStep`; `init, step = tx.make_train_step(...)` also works.
+
+    !!! Example
+        ```python
+        init, step = tx.make_train_step(loss, tx.optim.adamw(1e-3), plan, mesh)
+        state = init(model, jax.random.key(0))
+        for batch in data:
+            state, metrics = step(state, batch)
+        ```
+    """
+    return TrainStep(
+        loss,
+        optimizer,
+        plan,
+        mesh,
+        trainable=trainable,
+        precision=precision,
+        on_nonfinite=on_nonfinite,
+        donate=donate,
+    )

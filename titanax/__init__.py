@@ -4,6 +4,8 @@ Models name the logical axes of their arrays; a `Plan` maps logical axes to mesh
 Nothing is guessed: every sharding comes from the model's PyTree and the plan.
 """
 
+from . import loggers as loggers
+from . import optim as optim
 from ._axes import field as field
 from ._axes import logical_axes as logical_axes
 from ._errors import CheckpointError as CheckpointError
@@ -27,5 +29,12 @@ from ._plan import Plan as Plan
 from ._sharding import init as init
 from ._sharding import shard as shard
 from ._sharding import shardings as shardings
+from .train import LossScale as LossScale
+from .train import Precision as Precision
+from .train import Trainer as Trainer
+from .train import TrainState as TrainState
+from .train import TrainStep as TrainStep
+from .train import make_train_step as make_train_step
+from .train import put_batch as put_batch
 
 __version__ = "0.1.0"

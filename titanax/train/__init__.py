@@ -6,3 +6,4 @@ from ._precision import Precision as Precision
 from ._state import TrainState as TrainState
 from ._step import TrainStep as TrainStep
 from ._step import make_train_step as make_train_step
+from ._trainer import Trainer as Trainer

@@ -1,0 +1,411 @@
+"""`tx.Trainer`: a thin loop over `make_train_step`.
+
+The loop never blocks the host on a step: the step is dispatched asynchronously, the
+next batch is placed on the devices while it runs, and metrics are fetched only at
+log steps.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from .._errors import TitanaxError, TrainerError
+from .._explain import Explanation, bytes_per_device, explain
+from .._mesh import make_mesh
+from .._plan import Plan
+from ..loggers import Logger, Meter, run_header
+from ._precision import Precision
+from ._state import TrainState
+from ._step import LossFn, Trainable, TrainStep
+
+__all__ = ["Hook", "Trainer"]
+
+Hook = Callable[[int, dict[str, float], "Trainer"], None]
+
+
+def _default_mesh(plan: Plan) -> Mesh:
+    axes = plan.mesh_axes
+    if not axes:
+        return make_mesh(jax.devices()[:1], replica=1)
+    if len(axes) == 1:
+        return make_mesh(**{axes[0]: -1})
+    raise TrainerError(
+        f"The plan uses several mesh axes {axes}; Titanax will not guess their sizes.",
+        suggestion=(
+            "Pass `mesh=tx.make_mesh(" + ", ".join(f"{a}=..." for a in axes) + ")`."
+        ),
+    )
+
+
+class Trainer:
+    """Train an Equinox model under a plan: `tx.Trainer(model, plan, ...).fit(data)`.
+
+    **Arguments:**
+
+    - `model`: an `eqx.Module`, or a `key -> eqx.Module` function (the model is then
+        created directly sharded, see `tx.init`).
+    - `plan`: the `tx.Plan`.
+    - `optimizer`: an Optax transformation, e.g. `tx.optim.adamw(1e-3, ...)`.
+    - `loss`: `loss(model, batch, key) -> loss | (loss, metrics_dict)`.
+    - `mesh`: the device mesh; by default, all devices along the plan's single axis.
+    - `trainable`: which arrays train (`None`: all; an Equinox filter spec; or
+        `(path, leaf) -> bool`).
+    - `precision`: `tx.Precision.fp32()` (default), `.bf16()` or `.fp16()`.
+    - `checkpoint`: a `tx.OrbaxCheckpoint`, saved every `checkpoint.every` steps, at
+        the end, on `KeyboardInterrupt` and on SIGTERM.
+    - `loggers`: `tx.loggers.Basic()`, `CSV(...)`, `TensorBoard(...)`, ...
+    - `log_every`: fetch and log metrics every this many steps.
+    - `seed`: the run's PRNG seed (model init and step keys).
+    - `continue_on_error`: `False` re-raises a failing step as `TrainerError` naming
+        the step; `True` warns and goes on with the next batch.
+    - `on_nonfinite`: `"raise"` (default) raises `TrainerError` naming the first step
+        whose loss or gradients were not finite (that step was skipped, the state is
+        clean); `"skip"` goes on.
+    - `hooks`: callables `hook(step, metrics, trainer)` run at each log step.
+    - `tokens_per_sample`, `flops_per_step`: for the meter's tokens/s and MFU.
+
+    !!! Example
+        ```python
+        trainer = tx.Trainer(model, tx.Plan(dp=tx.DP()), optimizer=tx.optim.adamw(1e-3),
+                             loss=loss_fn, loggers=[tx.loggers.Basic()])
+        state = trainer.fit(batches, steps=100)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        plan: Plan,
+        *,
+        optimizer: optax.GradientTransformation,
+        loss: LossFn,
+        mesh: Mesh | None = None,
+        trainable: Trainable | None = None,
+        precision: Precision | None = None,
+        checkpoint: Any = None,
+        loggers: Sequence[Logger] = (),
+        log_every: int = 10,
+        seed: int = 0,
+        continue_on_error: bool = False,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        hooks: Sequence[Hook] = (),
+        tokens_per_sample: int | None = None,
+        flops_per_step: float | None = None,
+    ):
+        if not isinstance(plan, Plan):
+            raise TrainerError(
+                f"`plan` must be a `tx.Plan`, got {type(plan).__name__}.",
+                suggestion="Use e.g. `tx.Plan(dp=tx.DP())`.",
+            )
+        if not isinstance(log_every, int) or log_every < 1:
+            raise TrainerError(
+                f"`log_every` must be an int ≥ 1, got {log_every!r}.",
+                suggestion="Use e.g. `log_every=10`.",
+            )
+        self.mesh = mesh if mesh is not None else _default_mesh(plan)
+        self.plan = plan
+        self.model = model
+        self.optimizer = optimizer
+        self.train_step = TrainStep(
+            loss,
+            optimizer,
+            plan,
+            self.mesh,
+            trainable=trainable,
+            precision=precision,
+            on_nonfinite=on_nonfinite,
+        )
+        self.checkpoint = checkpoint
+        self.loggers = tuple(loggers)
+        self.log_every = log_every
+        self.seed = seed
+        self.continue_on_error = continue_on_error
+        self.on_nonfinite = on_nonfinite
+        self.hooks = tuple(hooks)
+        self.tokens_per_sample = tokens_per_sample
+        self.flops_per_step = flops_per_step
+        self.state: TrainState | None = None
+        self._header_done = False
+
+    # --- state ----------------------------------------------------------------------
+
+    def init_state(self) -> TrainState:
+        """The current `TrainState`, created (sharded) on first use."""
+        if self.state is None:
+            self.state = self.train_step.init(self.model, jax.random.key(self.seed))
+        return self.state
+
+    # --- the loop -------------------------------------------------------------------
+
+    def fit(
+        self,
+        data: Iterable[Any],
+        steps: int | None = None,
+        epochs: int | None = None,
+        *,
+        resume: bool | str = False,
+    ) -> TrainState:
+        """Train on `data` for `steps` optimizer steps or `epochs` passes.
+
+        **Arguments:**
+
+        - `data`: an iterable of host batches (PyTrees of numpy arrays with a leading
+            batch dim). On many hosts, each process yields its own slice.
+        - `steps`: how many steps to take (re-iterating `data` as needed).
+        - `epochs`: how many passes over `data` (default 1 when `steps` is None).
+        - `resume`: `True` restores the latest complete checkpoint of `checkpoint`
+            (a path restores from that directory) and continues at its step, RNG
+            stream and data position.
+
+        **Returns:** the final `TrainState` (also kept as `trainer.state`). On
+        `KeyboardInterrupt`, returns the last complete state.
+        """
+        if steps is None and epochs is None:
+            epochs = 1
+        state = self.init_state()
+        if resume:
+            state = self._resume(state, resume)
+        self._log_header()
+        train = self.train_step
+        arrays = train.flatten(state)
+        step = int(jax.device_get(state.step))
+        stream = _stream(data, epochs, skip=int(jax.device_get(state.data_position)))
+        meter = None
+        metrics: dict[str, Any] = {}
+        done = 0
+        last_logged = step
+        timer = time.perf_counter()
+        try:
+            batch = _next_placed(stream, train)
+            rows = batch[0].shape[0] if batch else 0  # global, on any host count
+            while batch is not None and (steps is None or done < steps):
+                arrays, metrics, ok = self._run_step(arrays, batch, step)
+                batch = _next_placed(stream, train)  # overlaps the running step
+                if not ok:
+                    continue
+                step += 1
+                done += 1
+                if meter is None:
+                    # Time from the end of the first (compiling) step.
+                    jax.block_until_ready(metrics)
+                    meter = self._meter(batch_size=rows)
+                    timer, last_logged = time.perf_counter(), step
+                if step % self.log_every == 0:
+                    self._log(step, metrics, arrays, meter, step - last_logged, timer)
+                    timer, last_logged = time.perf_counter(), step
+                self._maybe_checkpoint(arrays, step)
+        except KeyboardInterrupt:
+            warnings.warn(
+                f"Training interrupted at step {step}; returning the last state.",
+                stacklevel=2,
+            )
+            self.state = train.unflatten(arrays)
+            self._final_checkpoint(arrays)
+            return self.state
+        self.state = train.unflatten(arrays)
+        if metrics and step != last_logged and meter is not None:
+            self._log(step, metrics, arrays, meter, step - last_logged, timer)
+        self._check_nonfinite(arrays)
+        self._final_checkpoint(arrays)
+        return self.state
+
+    def _run_step(
+        self, arrays: list[jax.Array], batch: list[jax.Array], step: int
+    ) -> tuple[list[jax.Array], dict[str, Any], bool]:
+        try:
+            new_arrays, metrics = self.train_step.step_flat(arrays, batch)
+            return new_arrays, metrics, True
+        except (TitanaxError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if not self.continue_on_error:
+                raise TrainerError(
+                    f"Step {step + 1} failed: {type(e).__name__}: {e}",
+                    suggestion=(
+                        "Fix the cause above, or pass `continue_on_error=True` to "
+                        "skip failing batches."
+                    ),
+                ) from e
+            warnings.warn(
+                f"Step {step + 1} failed and was skipped "
+                f"(continue_on_error=True): {type(e).__name__}: {e}",
+                stacklevel=3,
+            )
+            if any(x.is_deleted() for x in arrays):
+                raise TrainerError(
+                    f"Step {step + 1} failed after its state was donated; cannot go "
+                    "on from it.",
+                    suggestion="Resume from the last checkpoint.",
+                ) from e
+            return arrays, {}, False
+
+    def _meter(self, batch_size: int) -> Meter:
+        return Meter(
+            batch_size=batch_size,
+            tokens_per_sample=self.tokens_per_sample,
+            flops_per_step=self.flops_per_step,
+        )
+
+    def _log(
+        self,
+        step: int,
+        metrics: dict[str, Any],
+        arrays: list[jax.Array],
+        meter: Meter,
+        steps_timed: int,
+        since: float,
+    ) -> None:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - since
+        if steps_timed > 0 and elapsed > 0:
+            host.update(meter.update(steps_timed, elapsed))
+        self._check_nonfinite(arrays)
+        for logger in self.loggers:
+            logger.log(step, host)
+        for hook in self.hooks:
+            hook(step, host, self)
+
+    def _check_nonfinite(self, arrays: list[jax.Array]) -> None:
+        if self.on_nonfinite != "raise":
+            return
+        state = self.train_step.unflatten(arrays)
+        first_bad = int(jax.device_get(state.first_bad_step))
+        if first_bad >= 0:
+            self.state = state
+            raise TrainerError(
+                f"The loss or gradients were not finite at step {first_bad + 1}; that "
+                "step was skipped, so `trainer.state` is from before it.",
+                suggestion=(
+                    "Lower the learning rate, check the data near that step, use "
+                    "`precision=tx.Precision.fp32()`, or pass `on_nonfinite='skip'`."
+                ),
+            )
+
+    def _log_header(self) -> None:
+        if self._header_done or not self.loggers:
+            return
+        self._header_done = True
+        info = run_header(
+            mesh=self.mesh,
+            plan=self.plan,
+            optimizer=self.optimizer,
+            precision=self.train_step.precision.name,
+        )
+        for logger in self.loggers:
+            logger.header(info)
+
+    # --- checkpoints ----------------------------------------------------------------
+
+    def _resume(self, state: TrainState, resume: bool | str) -> TrainState:
+        del resume
+        if self.checkpoint is None:
+            raise TrainerError(
+                "`fit(resume=...)` needs a checkpoint to resume from.",
+                suggestion="Pass `checkpoint=tx.OrbaxCheckpoint(path)` to the Trainer.",
+            )
+        if self.checkpoint.latest_step() is None:
+            return state
+        restored = self.checkpoint.restore(state)
+        self.state = restored
+        self.train_step.flatten(restored)
+        return restored
+
+    def _maybe_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
+        every = getattr(self.checkpoint, "every", None)
+        if self.checkpoint is not None and every and step % every == 0:
+            self.checkpoint.save(
+                self.train_step.unflatten(arrays), plan=self.plan, mesh=self.mesh
+            )
+
+    def _final_checkpoint(self, arrays: list[jax.Array]) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.save(
+            self.train_step.unflatten(arrays),
+            force=True,
+            plan=self.plan,
+            mesh=self.mesh,
+        )
+        self.checkpoint.wait()
+
+    # --- evaluation and reports -----------------------------------------------------
+
+    def evaluate(
+        self, data: Iterable[Any], max_batches: int | None = None
+    ) -> dict[str, float]:
+        """Mean loss and metrics over `data` under the current state, no update.
+
+        The loss is called with `key=None` (no dropout). Batches must have the
+        training batches' structure.
+        """
+        train = self.train_step
+        arrays = train.flatten(self.init_state())
+        totals: dict[str, Any] = {}
+        count = 0
+        for batch in data:
+            if max_batches is not None and count >= max_batches:
+                break
+            metrics = train.evaluate_flat(arrays, train.put_batch(batch))
+            totals = (
+                metrics
+                if not totals
+                else jax.tree.map(lambda a, b: a + b, totals, metrics)
+            )
+            count += 1
+        if count == 0:
+            raise TrainerError(
+                "`evaluate` got no batches.",
+                suggestion="Pass a non-empty iterable of batches.",
+            )
+        return {k: float(v) / count for k, v in jax.device_get(totals).items()}
+
+    def explain(self, batch: Any) -> Explanation:
+        """`tx.explain` for this run: parameter rows, per-device bytes of parameters,
+        gradients and optimizer state, and the collectives of the compiled step."""
+        state = self.init_state()
+        hlo = self.train_step.lower(state, batch).compile().as_text()
+        trainable = jax.tree.map(
+            lambda x, keep: x if keep else None,
+            state.model,
+            self.train_step._mask,
+        )
+        return explain(
+            state.model,
+            self.plan,
+            self.mesh,
+            hlo_text=hlo,
+            extra_bytes_per_device={
+                "grads": bytes_per_device(trainable),
+                "optimizer state": bytes_per_device(state.opt_state),
+            },
+        )
+
+
+def _stream(data: Iterable[Any], epochs: int | None, skip: int) -> Iterator[Any]:
+    """Batches of `data`, for `epochs` passes (forever if None), skipping `skip`."""
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        produced = False
+        for batch in data:
+            produced = True
+            if skip > 0:
+                skip -= 1
+                continue
+            yield batch
+        epoch += 1
+        if not produced or iter(data) is data:
+            return  # empty, or a one-shot iterator that cannot be replayed
+
+
+def _next_placed(stream: Iterator[Any], train: TrainStep) -> list[jax.Array] | None:
+    try:
+        return train.put_batch(next(stream))
+    except StopIteration:
+        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -48,7 +49,7 @@ def describe_devices() -> str:
 
 def _describe_mesh(mesh: Any) -> str:
     shape = getattr(mesh, "shape", None)
-    if isinstance(shape, collections.abc.Mapping):
+    if isinstance(shape, Mapping):
         return ", ".join(f"{axis}={size}" for axis, size in shape.items())
     return str(mesh)
 

@@ -38,11 +38,11 @@ class BatchSpec:
         for path, shape, dtype, leaf in zip(
             self.paths, self.shapes, self.dtypes, leaves, strict=True
         ):
-            found = (tuple(np.shape(leaf)), np.dtype(leaf.dtype))
-            if found != (shape, dtype):
+            # Attribute reads only: this runs on the host every step.
+            if leaf.shape != shape or leaf.dtype != dtype:
                 raise TrainerError(
-                    f"Batch leaf `{path}` has shape {found[0]} and dtype {found[1]}, "
-                    f"but the first batch had {shape} and {dtype}.",
+                    f"Batch leaf `{path}` has shape {tuple(leaf.shape)} and dtype "
+                    f"{leaf.dtype}, but the first batch had {shape} and {dtype}.",
                     path=path,
                     suggestion=(
                         "Keep batch shapes fixed (drop or pad the last partial batch); "

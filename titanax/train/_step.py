@@ -166,6 +166,7 @@ class TrainStep:
         self._state_shardings: list[NamedSharding] = []
         self._mask: Any = None
         self._batch_spec: BatchSpec | None = None
+        self._batch_shardings: list[NamedSharding] = []
         self._jitted: Any = None
         self._jitted_eval: Any = None
 
@@ -262,28 +263,33 @@ class TrainStep:
     def put_batch(self, batch: Any) -> list[jax.Array]:
         """Check a batch against the first one and place it; returns flat leaves."""
         leaves, treedef = jax.tree.flatten(batch)
+        first = self._batch_spec is None
         if self._batch_spec is None:
-            check_batch_divides(batch, self.plan, self.mesh)
+            leaves = [x if hasattr(x, "shape") else np.asarray(x) for x in leaves]
+            if jax.process_count() == 1:  # else: check the global shapes below
+                check_batch_divides(batch, self.plan, self.mesh)
             self._batch_spec = BatchSpec(
                 treedef=treedef,
-                shapes=tuple(tuple(np.shape(x)) for x in leaves),
+                shapes=tuple(tuple(x.shape) for x in leaves),
                 dtypes=tuple(np.dtype(x.dtype) for x in leaves),
                 paths=_leaf_paths(batch),
             )
+            self._batch_shardings = batch_shardings(leaves, self.plan, self.mesh)
         else:
             self._batch_spec.check(treedef, leaves)
-        shardings_ = batch_shardings(leaves, self.plan, self.mesh)
         if jax.process_count() == 1:
-            return [
-                x
-                if isinstance(x, jax.Array) and x.sharding == s
-                else jax.device_put(x, s)
-                for x, s in zip(leaves, shardings_, strict=True)
-            ]
-        return [
+            return jax.device_put(leaves, self._batch_shardings)  # one transfer call
+        placed = [
             jax.make_array_from_process_local_data(s, np.asarray(x))
-            for x, s in zip(leaves, shardings_, strict=True)
+            for x, s in zip(leaves, self._batch_shardings, strict=True)
         ]
+        if first:  # each process holds only its own rows: check the global batch
+            try:
+                check_batch_divides(treedef.unflatten(placed), self.plan, self.mesh)
+            except TrainerError:
+                self._batch_spec = None
+                raise
+        return placed
 
     # --- the step -------------------------------------------------------------------
 

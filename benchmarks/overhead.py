@@ -1,0 +1,155 @@
+"""Trainer overhead: `tx.Trainer.fit` against a hand-written `jax.jit` loop.
+
+Both loops take the same host (numpy) batches, place them on the device each step,
+run the same model, loss and optimizer, and donate their state. Rounds alternate
+between the two in one process, so machine noise hits both; we report medians.
+
+Run: `.venv/bin/python benchmarks/overhead.py [--rounds 7] [--steps 50]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import titanax as tx  # noqa: E402
+from models.gpt import GPT, GPTConfig, gpt_loss  # noqa: E402
+from models.mlp import MLP, cross_entropy_loss  # noqa: E402
+
+
+def mlp_case(rng: np.random.Generator):
+    model = MLP(32, 10, hidden_sizes=(64,), key=jax.random.key(0))
+    batches = [
+        {
+            "x": rng.normal(size=(64, 32)).astype(np.float32),
+            "y": rng.integers(0, 10, size=(64,)).astype(np.int32),
+        }
+        for _ in range(8)
+    ]
+    return "tiny MLP 32-64-10, batch 64", model, cross_entropy_loss, batches
+
+
+def gpt_case(rng: np.random.Generator):
+    config = GPTConfig.preset("baby")
+    model = GPT(config, key=jax.random.key(0))
+    batches = []
+    for _ in range(4):
+        tokens = rng.integers(0, config.vocab_size, size=(12, config.block_size + 1))
+        batches.append(
+            {"x": tokens[:, :-1].astype(np.int32), "y": tokens[:, 1:].astype(np.int32)}
+        )
+    return "baby GPT (4L, 128 wide, ctx 64), batch 12", model, gpt_loss, batches
+
+
+def hand_written(model, loss, optimizer, batches, steps):
+    """The loop a careful JAX user writes: jit over (params, opt_state), donated."""
+    params, static = eqx.partition(model, eqx.is_array)
+    params = jax.tree.map(jnp.copy, params)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def objective(p):
+            out = loss(eqx.combine(p, static), batch, None)
+            return out[0] if isinstance(out, tuple) else out
+
+        value, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    step = jax.jit(step.__wrapped__, donate_argnums=(0, 1))
+    params, opt_state, value = step(params, opt_state, batches[0])  # compile
+    jax.block_until_ready(value)
+
+    def run():
+        nonlocal params, opt_state
+        start = time.perf_counter()
+        for i in range(steps):
+            batch = jax.device_put(batches[i % len(batches)])
+            params, opt_state, value = step(params, opt_state, batch)
+        host = time.perf_counter() - start
+        jax.block_until_ready(value)
+        return (time.perf_counter() - start) / steps, host / steps
+
+    return run
+
+
+def titanax_loop(model, loss, optimizer, batches, steps):
+    mesh = tx.make_mesh(jax.devices()[:1], data=1)
+    trainer = tx.Trainer(
+        model, tx.Plan(dp=tx.DP()), optimizer=optimizer, loss=loss, mesh=mesh,
+        log_every=10**9,
+    )
+    trainer.fit(batches, steps=2)  # compile
+
+    def run():
+        start = time.perf_counter()
+        state = trainer.fit(_cycle(batches, steps), steps=steps)
+        jax.block_until_ready(state.model)
+        return (time.perf_counter() - start) / steps, float("nan")
+
+    return run
+
+
+def _cycle(batches, n):
+    return [batches[i % len(batches)] for i in range(n)]
+
+
+def measure(case, rounds, steps):
+    name, model, loss, batches = case
+    optimizer = optax.adamw(1e-3)
+    runs = {
+        "hand-written jax.jit": hand_written(model, loss, optimizer, batches, steps),
+        "tx.Trainer.fit": titanax_loop(model, loss, optimizer, batches, steps),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    host: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            per_step, host_per_step = run()
+            times[label].append(per_step)
+            host[label].append(host_per_step)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["tx.Trainer.fit"] / med["hand-written jax.jit"]
+    print(f"\n### {name}\n")
+    print("| loop | median ms/step | min | max |")
+    print("|---|---|---|---|")
+    for label, values in times.items():
+        print(
+            f"| {label} | {med[label] * 1e3:.3f} | {min(values) * 1e3:.3f} | "
+            f"{max(values) * 1e3:.3f} |"
+        )
+    hand_host = statistics.median(host["hand-written jax.jit"])
+    print(f"\nratio Trainer / hand-written: **{ratio:.3f}**")
+    print(
+        f"host time per step while the device computes (hand-written dispatch): "
+        f"{hand_host * 1e3:.3f} ms of {med['hand-written jax.jit'] * 1e3:.3f} ms"
+    )
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--gpt-steps", type=int, default=15)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, devices: {jax.devices()}")
+    rng = np.random.default_rng(0)
+    measure(mlp_case(rng), args.rounds, args.steps)
+    measure(gpt_case(rng), args.rounds, args.gpt_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+import csv
+import io
+import json
+import struct
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import titanax.loggers as tlog
+from titanax._errors import TrainerError
+
+INFO = {
+    "versions": {"titanax": "0.1.0", "jax": "0.10.2", "equinox": "0.13.8"},
+    "devices": "8 x cpu",
+    "mesh": "data=8",
+    "plan": "DP(axis='data')\n  batch over data",
+    "optimizer": "adamw(lr=1e-3)",
+}
+
+METRICS = {
+    "loss": 2.34561,
+    "accuracy": 0.91,
+    "lr": 1e-3,
+    "samples_per_s": 1234.4,
+    "tokens_per_s": 78999.6,
+    "step_time_s": 0.01234,
+    "mfu": 0.4123,
+}
+
+
+def test_basic_header_and_lines():
+    out = io.StringIO()
+    logger = tlog.Basic(out)
+    logger.header(INFO)
+    logger.log(100, METRICS)
+    logger.log(101, {"loss": 1e-5, "grad_norm": np.float32(0.5), "tokens": 4096})
+    logger.close()
+    rule = "=" * 72
+    assert out.getvalue().splitlines() == [
+        rule,
+        "versions:  titanax 0.1.0 | jax 0.10.2 | equinox 0.13.8",
+        "devices:   8 x cpu",
+        "mesh:      data=8",
+        "plan:      DP(axis='data')",
+        "             batch over data",
+        "optimizer: adamw(lr=1e-3)",
+        rule,
+        "step 100 | loss 2.3456 | accuracy 0.91 | lr 1.00e-03 | 1234 samples/s | "
+        "79000 tokens/s | 12.3 ms/step | mfu 41.2%",
+        "step 101 | loss 1.000e-05 | grad_norm 0.5 | tokens 4096",
+    ]
+
+
+def test_basic_every_and_default_stream(capsys):
+    logger = tlog.Basic(every=10)
+    for step in range(1, 21):
+        logger.log(step, {"loss": float(step), "step_time_s": 0.5})
+    logger.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "step 10 | loss 10.0000 | 500.0 ms/step",
+        "step 20 | loss 20.0000 | 500.0 ms/step",
+    ]
+    with pytest.raises(TrainerError, match="`every` to be an integer >= 1"):
+        tlog.Basic(every=0)
+
+
+def test_basic_accepts_device_scalars():
+    out = io.StringIO()
+    tlog.Basic(out).log(3, {"loss": jax.numpy.float32(0.25), "lr": np.float64(3e-4)})
+    assert out.getvalue() == "step 3 | loss 0.2500 | lr 3.00e-04\n"
+
+
+def test_compact_basic():
+    out = io.StringIO()
+    logger = tlog.CompactBasic(out)
+    logger.header(INFO)
+    logger.log(100, METRICS)
+    logger.log(123456, {"loss": 0.5})
+    assert out.getvalue().splitlines() == [
+        "titanax 0.1.0 | jax 0.10.2 | equinox 0.13.8",
+        "devices 8 x cpu | mesh data=8 | plan DP(axis='data') batch over data | "
+        "optimizer adamw(lr=1e-3)",
+        "[  100] loss 2.3456 accuracy 0.91 lr 1.0e-03 12.3ms",
+        "[123456] loss 0.5000",
+    ]
+    out = io.StringIO()
+    tlog.CompactBasic(out).header({"devices": "1 x cpu"})
+    assert out.getvalue() == "devices 1 x cpu\n"
+
+
+def test_loggers_follow_the_protocol(tmp_path):
+    loggers = [tlog.Basic(io.StringIO()), tlog.CompactBasic(io.StringIO())]
+    loggers.append(tlog.CSV(tmp_path / "m.csv"))
+    loggers.append(tlog.TensorBoard(tmp_path / "tb"))
+    for logger in loggers:
+        assert isinstance(logger, tlog.Logger)
+        logger.close()
+        logger.close()  # twice is harmless
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_csv_rows_header_and_late_keys(tmp_path):
+    path = tmp_path / "run" / "metrics.csv"
+    with tlog.CSV(path) as logger:
+        logger.header({**INFO, "mesh_obj": object.__new__(object)})
+        logger.log(1, {"loss": 2.5, "lr": 1e-3})
+        # Read back after each row: rows are flushed as written.
+        assert _read_csv(path) == [
+            ["step", "loss", "lr", "extra"],
+            ["1", "2.5", "0.001", ""],
+        ]
+        logger.log(2, {"loss": np.float32(0.1), "eval_loss": 1.75, "tokens": 4096})
+        logger.log(3, {"lr": 1 / 3})
+    rows = _read_csv(path)
+    assert rows[0] == ["step", "loss", "lr", "extra"]
+    assert rows[2][:3] == ["2", str(float(np.float32(0.1))), ""]
+    assert json.loads(rows[2][3]) == {"eval_loss": 1.75, "tokens": 4096}
+    assert rows[3] == ["3", "", repr(1 / 3), ""]
+    assert float(rows[3][2]) == 1 / 3  # full precision round trip
+
+    header = json.loads((tmp_path / "run" / "metrics.csv.header.json").read_text())
+    assert header["versions"] == INFO["versions"]
+    assert header["plan"] == INFO["plan"]
+    assert header["mesh_obj"].startswith("<object object")
+    assert list(header) == [*INFO, "mesh_obj"]  # order kept
+
+    with pytest.raises(TrainerError, match=r"used after `close\(\)`"):
+        logger.log(4, {"loss": 1.0})
+
+
+def test_csv_append_keeps_columns(tmp_path):
+    path = tmp_path / "m.csv"
+    with tlog.CSV(path) as logger:
+        logger.log(1, {"loss": 1.0, "lr": 0.1})
+    with tlog.CSV(path, append=True) as logger:
+        logger.log(2, {"lr": 0.2, "loss": 0.5, "new": 7})
+    assert _read_csv(path) == [
+        ["step", "loss", "lr", "extra"],
+        ["1", "1.0", "0.1", ""],
+        ["2", "0.5", "0.2", '{"new": 7}'],
+    ]
+    # Without append the file starts afresh.
+    with tlog.CSV(path) as logger:
+        logger.log(5, {"acc": 0.5})
+    assert _read_csv(path) == [["step", "acc", "extra"], ["5", "0.5", ""]]
+
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(TrainerError, match="`step,...,extra` header row"):
+        tlog.CSV(other, append=True)
+
+
+def _read_events(path):
+    """Parse a TFRecord event file with tensorboardX's protobuf classes."""
+    from tensorboardX.proto import event_pb2
+
+    data = path.read_bytes()
+    events, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        start = offset + 12  # length, then its 4-byte CRC
+        events.append(event_pb2.Event.FromString(data[start : start + length]))
+        offset = start + length + 4  # data, then its CRC
+    return events
+
+
+def test_tensorboard_writes_scalars_and_header(tmp_path):
+    logdir = tmp_path / "tb"
+    with tlog.TensorBoard(logdir) as logger:
+        logger.header(INFO)
+        logger.log(1, {"loss": 2.5, "lr": 1e-3, "note": "skipped"})
+        logger.log(2, {"loss": np.float32(1.25)})
+    (event_file,) = list(logdir.glob("events.out.tfevents.*"))
+    assert event_file.stat().st_size > 0
+
+    scalars, texts = {}, []
+    for event in _read_events(event_file):
+        for value in event.summary.value:
+            if value.HasField("tensor"):
+                texts.append(value.tensor.string_val[0].decode())
+            else:
+                scalars[(value.tag, event.step)] = value.simple_value
+    assert scalars == {
+        ("loss", 1): 2.5,
+        ("lr", 1): pytest.approx(1e-3),
+        ("loss", 2): 1.25,
+    }
+    assert len(texts) == 1 and "    devices:   8 x cpu" in texts[0]
+
+
+def test_tensorboard_reads_back_with_tensorboard_if_installed(tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    with tlog.TensorBoard(tmp_path) as logger:
+        logger.log(7, {"loss": 0.75})
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path))
+    accumulator.Reload()
+    (scalar,) = accumulator.Scalars("loss")
+    assert (scalar.step, scalar.value) == (7, 0.75)
+
+
+def test_tensorboard_missing_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with pytest.raises(TrainerError, match=r"pip install titanax\[tensorboard\]"):
+        tlog.TensorBoard(tmp_path)
+
+
+def test_meter_arithmetic():
+    meter = tlog.Meter(
+        batch_size=32, tokens_per_sample=64, flops_per_step=1e9, peak_flops=1e10
+    )
+    rates = meter.update(10, 2.0)
+    assert rates == pytest.approx(
+        {
+            "step_time_s": 0.2,
+            "samples_per_s": 160.0,
+            "tokens_per_s": 10240.0,
+            "mfu": 0.5,
+        }
+    )
+    assert tlog.Meter().update(4, 1.0) == {"step_time_s": 0.25}
+    # MFU needs both the model FLOPs and the peak.
+    assert "mfu" not in tlog.Meter(batch_size=8, flops_per_step=1e9).update(1, 1.0)
+    with pytest.raises(TrainerError, match="`n_steps` to be an integer >= 1"):
+        meter.update(0, 1.0)
+    with pytest.raises(TrainerError, match="`elapsed_s` to be a number > 0"):
+        meter.update(1, 0.0)
+    with pytest.raises(TrainerError, match="`batch_size` to be a number > 0"):
+        tlog.Meter(batch_size=0)
+
+
+class _FakeDevice:
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+def test_peak_flops_per_device():
+    assert (
+        tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H100 80GB HBM3"))
+        == 989e12
+    )
+    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H100 PCIe")) == 756e12
+    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H200")) == 989e12
+    assert (
+        tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA A100-SXM4-80GB"))
+        == 312e12
+    )
+    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "Some Future GPU")) is None
+    assert tlog.peak_flops_per_device(jax.devices("cpu")[0]) is None
+
+
+def test_versions_and_run_header():
+    import titanax.optim as topt
+
+    v = tlog.versions()
+    assert list(v)[:5] == ["titanax", "jax", "jaxlib", "equinox", "optax"]
+    assert v["jax"] == jax.__version__
+
+    class Plan:
+        def describe(self):
+            return "DP(axis='data')"
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    header = tlog.run_header(
+        mesh=mesh, plan=Plan(), optimizer=topt.adamw(1e-3), model="MLP"
+    )
+    assert list(header) == ["versions", "devices", "mesh", "plan", "optimizer", "model"]
+    assert header["devices"] == f"{jax.device_count()} x cpu"
+    assert header["mesh"] == "data=2, model=4"
+    assert header["plan"] == "DP(axis='data')"
+    assert header["optimizer"] == "adamw(lr=1e-3, b1=0.9, b2=0.999)"
+    assert list(tlog.run_header()) == ["versions", "devices"]

@@ -1,7 +1,7 @@
 """Reference models for Titanax, written as plain Equinox modules.
 
 Each weight names its logical axes (`embed`, `mlp`, `heads`, `vocab`, ...); plans map
-those to mesh axes. Nothing here imports `jax.sharding` or names a mesh axis.
+those to mesh axes. Nothing here knows of meshes or names a mesh axis.
 """
 
 from .cnn import CNN as CNN

@@ -29,8 +29,25 @@ from models.gpt import (
 from models.mlp import MLP, cross_entropy_loss
 
 
-def _tiny(getkey, **overrides):
-    return GPT(GPTConfig.preset("tiny", **overrides), key=getkey())
+# Eager GPT calls retrace their layer scan each time (~1 s); compiled ones are fast.
+@jax.jit
+def _forward(model, tokens, key=None):
+    return model(tokens, key=key)
+
+
+_loss = jax.jit(gpt_loss)
+
+
+@jax.jit
+def _forward_and_loss(model, batch):
+    logits = model(batch["x"])
+    return logits, loss_from_logits(logits, batch["y"])[0]
+
+
+def _abstract_tiny(**overrides):
+    """A tiny GPT of ShapeDtypeStructs: no weights allocated, nothing compiled."""
+    config = GPTConfig.preset("tiny", **overrides)
+    return eqx.filter_eval_shape(lambda k: GPT(config, key=k), jax.random.key(0))
 
 
 def _tokens(key, shape, vocab=64):
@@ -52,10 +69,15 @@ def _dims(cls, field):
 def test_mlp_forward_loss_and_axes(getkey):
     model = MLP(64, 10, (32, 32, 16), activation="relu", key=getkey())
     x = jax.random.normal(getkey(), (5, 8, 8))
-    assert model(x).shape == (5, 10)
-    assert model(x.reshape(5, 64)).shape == (5, 10)
-    batch = {"x": x, "y": jnp.arange(5)}
-    loss, metrics = cross_entropy_loss(model, batch, None)
+
+    @jax.jit  # one compile instead of dozens of eager ones
+    def run(model, x):
+        batch = {"x": x, "y": jnp.arange(5)}
+        return model(x), model(x.reshape(5, 64)), cross_entropy_loss(model, batch, None)
+
+    logits, flat_logits, (loss, metrics) = run(model, x)
+    assert logits.shape == (5, 10)
+    np.testing.assert_array_equal(flat_logits, logits)
     assert loss.dtype == jnp.float32 and 0.0 <= metrics["accuracy"] <= 1.0
     # Hidden dims alternate mlp/embed: Megatron column/row pairs under a TP plan.
     names = [_dims(type(layer), "weight") for layer in model.layers]
@@ -66,7 +88,7 @@ def test_mlp_forward_loss_and_axes(getkey):
         (32, 16),
         (16, 10),
     ]
-    linear = MLP(4, 3, (), key=getkey())
+    linear = eqx.filter_eval_shape(lambda k: MLP(4, 3, (), key=k), getkey())
     assert _dims(type(linear.layers[0]), "weight") == ("in", "out")
     with pytest.raises(ValueError, match="`activation`"):
         MLP(4, 3, activation="tanh", key=getkey())
@@ -78,42 +100,58 @@ def test_mlp_forward_loss_and_axes(getkey):
 def test_cnn_forward_and_loss(getkey):
     model = CNN(10, channels=(8, 16), key=getkey())
     x = jax.random.normal(getkey(), (3, 8, 8))
-    logits = model(x)
-    assert logits.shape == (3, 10)
-    np.testing.assert_allclose(model(x[:, None]), logits, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(model(x.reshape(3, 64)), logits, rtol=1e-6, atol=1e-6)
-    assert model(jnp.zeros((2, 1, 28, 28))).shape == (2, 10)
-    loss, metrics = cnn_loss(model, {"x": x, "y": jnp.array([0, 1, 2])}, None)
+
+    @jax.jit
+    def run(model, x):
+        layouts = [model(x), model(x[:, None]), model(x.reshape(3, 64))]
+        mnist = model(jnp.zeros((2, 1, 28, 28)))
+        return layouts, mnist, cnn_loss(model, {"x": x, "y": jnp.arange(3)}, None)
+
+    (logits, *others), mnist, (loss, metrics) = run(model, x)
+    assert logits.shape == (3, 10) and mnist.shape == (2, 10)
+    for other in others:
+        np.testing.assert_allclose(other, logits, rtol=1e-6, atol=1e-6)
     assert jnp.isfinite(loss) and "accuracy" in metrics
     assert _dims(CNN, "w_head") == ("channels", "out")
 
 
 # ---------------------------------------------------------------------------- GPT
+# Compiles dominate these tests' time, so most share one model and one input shape.
 
 
-def test_gpt_forward_shapes(getkey):
-    model = _tiny(getkey)
-    tokens = _tokens(getkey(), (3, 16))
-    assert model(tokens).shape == (3, 16, 64)
-    assert model(tokens[:, :5]).shape == (3, 5, 64)
+@pytest.fixture(scope="module")
+def tiny():
+    return GPT(GPTConfig.preset("tiny"), key=jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return _tokens(jax.random.key(1), (2, 16))
+
+
+def test_gpt_forward_shapes(tiny, tokens):
+    logits = _forward(tiny, tokens)
+    assert logits.shape == (2, 16, 64)
+
     # The pipeline's pieces compose to the whole model.
-    h = model.embed(tokens)
-    assert h.shape == (3, 16, 32)
-    np.testing.assert_array_equal(
-        model.head(run_blocks(model.blocks, h)), model(tokens)
-    )
+    @jax.jit
+    def in_pieces(model, tokens):
+        h = model.embed(tokens)
+        assert h.shape == (2, 16, 32)
+        return model.head(run_blocks(model.blocks, h))
+
+    np.testing.assert_allclose(in_pieces(tiny, tokens), logits, atol=1e-6)
     with pytest.raises(AssertionError, match="block size is only 16"):
-        model(_tokens(getkey(), (1, 17)))
+        jax.eval_shape(tiny, jnp.zeros((1, 17), jnp.int32))
 
 
-def test_gpt_tied_and_bias(getkey):
-    model = _tiny(getkey, tie_weights=True, bias=True)
+def test_gpt_tied_and_bias(tiny):
+    model = _abstract_tiny(tie_weights=True, bias=True)
     assert model.lm_head is None and model.blocks.b_qkv is not None
-    assert model(_tokens(getkey(), (2, 8))).shape == (2, 8, 64)
-    untied = _tiny(getkey)
-    assert param_count(untied) - param_count(model) == 32 * 64 - (
-        2 * (32 + 3 * 32 + 32 + 32 + 4 * 32 + 32) + 32  # biases: 2 blocks + final LN
-    )
+    out = eqx.filter_eval_shape(lambda m, t: m(t), model, jnp.zeros((2, 8), jnp.int32))
+    assert out.shape == (2, 8, 64)
+    biases = 2 * (32 + 3 * 32 + 32 + 32 + 4 * 32 + 32) + 32  # 2 blocks + final LN
+    assert param_count(tiny) - param_count(model) == 32 * 64 - biases
 
 
 def test_gpt_small_param_count():
@@ -151,52 +189,59 @@ def test_flops_per_token():
     assert flops_per_token(config, seq_len=256) == 6 * n + 12 * 12 * 12 * 64 * 256
 
 
-def test_gpt_is_causal(getkey):
-    model = _tiny(getkey)
-    tokens = _tokens(getkey(), (2, 16))
+def test_gpt_is_causal(tiny, tokens):
     changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 64)
-    before, after = model(tokens), model(changed)
+    before, after = _forward(tiny, tokens), _forward(tiny, changed)
     np.testing.assert_array_equal(before[:, :10], after[:, :10])
     assert not np.allclose(before[:, 10:], after[:, 10:])
 
 
-def test_gpt_initial_loss_is_log_vocab(getkey):
-    model = _tiny(getkey)
-    tokens = _tokens(getkey(), (8, 17))
-    loss, metrics = gpt_loss(model, {"x": tokens[:, :-1], "y": tokens[:, 1:]}, None)
+def test_gpt_initial_loss_is_log_vocab(tiny, tokens):
+    batch = {"x": tokens, "y": jnp.roll(tokens, -1, axis=1)}
+    loss, metrics = _loss(tiny, batch, None)
     assert loss.dtype == jnp.float32
     assert abs(float(loss) - math.log(64)) < 0.1
     assert 0.0 <= metrics["accuracy"] <= 1.0
 
 
-def test_scan_over_layers_equals_python_loop(getkey):
-    model = _tiny(getkey, n_layer=3)
-    tokens = _tokens(getkey(), (2, 16))
-    h = model.embed(tokens)
-    for i in range(model.config.n_layer):
-        h = apply_block(jax.tree.map(lambda a, i=i: a[i], model.blocks), h)
-    np.testing.assert_allclose(model.head(h), model(tokens), rtol=1e-6, atol=1e-6)
+def test_scan_over_layers_equals_python_loop(tiny, tokens):
+
+    @jax.jit
+    def unrolled(model, tokens):
+        h = model.embed(tokens)
+        for i in range(model.config.n_layer):
+            h = apply_block(jax.tree.map(lambda a, i=i: a[i], model.blocks), h)
+        return model.head(h)
+
+    np.testing.assert_allclose(
+        unrolled(tiny, tokens), _forward(tiny, tokens), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_one_hot_cross_entropy_matches_optax(getkey):
     logits = 3.0 * jax.random.normal(getkey(), (4, 7, 50))
     labels = jax.random.randint(getkey(), (4, 7), 0, 50)
-    expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    np.testing.assert_allclose(cross_entropy(logits, labels), expected, atol=1e-6)
+
+    @jax.jit
+    def run(logits, labels):
+        expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        ours = cross_entropy(logits, labels)
+        half = cross_entropy(logits.astype(jnp.bfloat16), labels)
+        # Negative labels are ignored, like nanoGPT's ignore_index=-1.
+        masked, _ = loss_from_logits(logits, labels.at[:, 3:].set(-1))
+        return expected, ours, half, masked
+
+    expected, ours, half, masked = run(logits, labels)
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
     # bf16 logits are upcast: the loss is computed in float32.
-    assert cross_entropy(logits.astype(jnp.bfloat16), labels).dtype == jnp.float32
-    # Negative labels are ignored, like nanoGPT's ignore_index=-1.
-    masked = labels.at[:, 3:].set(-1)
-    loss, _ = loss_from_logits(logits, masked)
-    np.testing.assert_allclose(loss, expected[:, :3].mean(), rtol=1e-6)
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(masked, expected[:, :3].mean(), rtol=1e-6)
 
 
-def test_sgd_steps_reduce_loss(getkey):
-    model = _tiny(getkey)
-    tokens = _tokens(getkey(), (4, 17))
-    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
-    params, static = eqx.partition(model, eqx.is_array)
-    optimizer = optax.sgd(1.0)
+def test_sgd_steps_reduce_loss(tiny, tokens):
+    batch = {"x": tokens, "y": jnp.roll(tokens, -1, axis=1)}
+    params, static = eqx.partition(tiny, eqx.is_array)
+    optimizer = optax.sgd(0.3)
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -212,56 +257,63 @@ def test_sgd_steps_reduce_loss(getkey):
     for _ in range(10):
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
-    assert losses[0] > 4.0
-    assert losses[-1] < losses[0] - 0.5, losses
+    assert abs(losses[0] - math.log(64)) < 0.1, losses
+    # Measured: 4.17 -> 1.23 over 10 steps memorising this one batch.
+    assert losses[-1] < 2.0, losses
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
 
 
-def test_dropout_needs_a_key(getkey):
-    model = _tiny(getkey, dropout=0.5)
-    tokens = _tokens(getkey(), (2, 16))
-    np.testing.assert_array_equal(model(tokens), model(tokens))
-    key = getkey()
-    np.testing.assert_array_equal(model(tokens, key=key), model(tokens, key=key))
-    assert not np.allclose(model(tokens, key=key), model(tokens))
+def test_dropout_needs_a_key(getkey, tokens):
+    model = GPT(GPTConfig.preset("tiny", dropout=0.5), key=getkey())
+
+    @jax.jit
+    def run(model, tokens, key, other_key):
+        return (
+            model(tokens),
+            model(tokens, key=key),
+            model(tokens, key=key),
+            model(tokens, key=other_key),
+        )
+
+    plain, dropped, again, other = run(model, tokens, getkey(), getkey())
+    np.testing.assert_array_equal(dropped, again)
+    assert not np.allclose(dropped, plain)
+    assert not np.allclose(dropped, other)
 
 
-def test_bf16_compute_keeps_float32_loss(getkey):
-    model = _tiny(getkey)
-    tokens = _tokens(getkey(), (2, 17))
-    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+def test_bf16_compute_keeps_float32_loss(tiny, tokens):
+    batch = {"x": tokens, "y": jnp.roll(tokens, -1, axis=1)}
     half = jax.tree.map(
-        lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, model
+        lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, tiny
     )
-    assert half(batch["x"]).dtype == jnp.bfloat16
-    loss16, _ = gpt_loss(half, batch, None)
-    loss32, _ = gpt_loss(model, batch, None)
+    logits16, loss16 = _forward_and_loss(half, batch)
+    assert logits16.dtype == jnp.bfloat16
+    loss32 = _loss(tiny, batch, None)[0]
     assert loss16.dtype == jnp.float32
     assert abs(float(loss16) - float(loss32)) < 0.02
 
 
-def test_generate(getkey):
-    model = _tiny(getkey)
-    prompt = _tokens(getkey(), (2, 10))
-    out = generate(model, prompt, 10, getkey(), top_k=5)
-    assert out.shape == (2, 20) and out.dtype == prompt.dtype
-    np.testing.assert_array_equal(out[:, :10], prompt)
-    assert int(out.min()) >= 0 and int(out.max()) < 64
-    # Greedy decoding matches a plain loop that crops to block_size (16) each step.
-    greedy = generate(model, prompt, 10, getkey(), temperature=0.0)
+def test_generate(getkey, tiny, tokens):
+    prompt = tokens[:, :15]
+    # top_k=1 sampling is greedy: both must match a plain loop that crops the
+    # context to block_size (16) each step, as nanoGPT does.
+    top1 = generate(tiny, prompt, 3, getkey(), top_k=1)
+    assert top1.shape == (2, 18) and top1.dtype == prompt.dtype
+    greedy = generate(tiny, prompt, 3, getkey(), temperature=0.0)
     seq = prompt
-    for _ in range(10):
-        logits = model(seq[:, -16:])
+    for _ in range(3):
+        logits = _forward(tiny, seq[:, -16:])
         seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
     np.testing.assert_array_equal(greedy, seq)
+    np.testing.assert_array_equal(top1, seq)
 
 
-def test_every_gpt_weight_names_its_logical_axes(getkey):
-    model = _tiny(getkey, bias=True)
+def test_every_gpt_weight_names_its_logical_axes():
+    model = _abstract_tiny(bias=True)
     for cls, module, extra in [(GPT, model, 0), (Block, model.blocks, 1)]:
         for field in typing.get_type_hints(cls):
             value = getattr(module, field)
-            if not eqx.is_array(value):
+            if not isinstance(value, jax.ShapeDtypeStruct):
                 continue
             dims = _dims(cls, field)
             assert dims is not None, f"{cls.__name__}.{field} has no dims"
@@ -274,8 +326,10 @@ def test_every_gpt_weight_names_its_logical_axes(getkey):
 
 
 def test_models_know_nothing_of_meshes():
+    # Plans (e.g. gpt_plans.py) live beside the models and may name mesh axes.
     root = Path(__file__).resolve().parents[1] / "models"
-    for path in root.glob("*.py"):
+    for name in ["__init__.py", "mlp.py", "cnn.py", "gpt.py"]:
+        path = root / name
         source = path.read_text()
         for banned in ["jax.sharding", "shard_map", "with_sharding_constraint"]:
             assert banned not in source, (path.name, banned)

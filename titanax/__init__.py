@@ -29,6 +29,11 @@ from ._plan import Plan as Plan
 from ._sharding import init as init
 from ._sharding import shard as shard
 from ._sharding import shardings as shardings
+from .parallel import collectives as collectives
+from .parallel import grad as grad
+from .parallel import spmd as spmd
+from .parallel import spmd_specs as spmd_specs
+from .parallel import value_and_grad as value_and_grad
 from .train import LossScale as LossScale
 from .train import Precision as Precision
 from .train import Trainer as Trainer

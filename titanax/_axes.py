@@ -227,7 +227,6 @@ def _declared_for_leaf(
     root: Any,
     keypath: Sequence[Any],
     rules: PathRules,
-    used_dict_keys: set[tuple[str, str]],
 ) -> _Declared | None:
     path = path_str(root, keypath)
     for pattern, axes in rules:
@@ -244,7 +243,6 @@ def _declared_for_leaf(
             rel = _relative_str(keypath[depth + 1 :])
             if per_use is None and isinstance(meta, Mapping) and rel in meta:
                 owner = path_str(root, keypath[: depth + 1])
-                used_dict_keys.add((owner, rel))
                 per_use = _Declared(meta[rel], f"per-use axes on `{owner}`")
             hops.append((node, key.name))
         else:
@@ -260,8 +258,10 @@ def _declared_for_leaf(
         return _Declared(meta, f"tx.field on `{type(parent).__name__}.{name}`")
     hint = _type_hints(type(parent)).get(name)
     dim_str = _jaxtyping_dims(hint) if hint is not None else None
-    if dim_str is not None:
-        return _Declared(_parse_dim_str(dim_str), f"annotation {dim_str!r}")
+    if dim_str is not None and _names_any(parsed := _parse_dim_str(dim_str)):
+        # An annotation naming no dim (`Float[Array, "*shape"]`, as eqx.nn.LayerNorm
+        # has) says nothing about sharding: fall through to the built-in defaults.
+        return _Declared(parsed, f"annotation {dim_str!r}")
     grandparent, proj = hops[-2] if len(hops) >= 2 else (None, "")
     if isinstance(grandparent, eqx.nn.MultiheadAttention) and proj in _ATTENTION_PROJ:
         return _Declared(_ATTENTION_PROJ[proj][name], "MultiheadAttention default")
@@ -269,6 +269,11 @@ def _declared_for_leaf(
     if default is not None:
         return _Declared(default, f"{type(parent).__name__} default")
     return None
+
+
+def _names_any(names: AxisNames | tuple[AxisNames, AxisNames]) -> bool:
+    flat = [n for part in names for n in (part if isinstance(part, tuple) else (part,))]
+    return any(n is not None for n in flat)
 
 
 def _child(node: Any, key: Any) -> Any:
@@ -331,19 +336,18 @@ def logical_axes(model: Any, rules: PathRules = ()) -> Any:
             ),
         )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
-    used_dict_keys: set[tuple[str, str]] = set()
     specs = []
     for keypath, leaf in leaves:
         if not is_arraylike(leaf):
             specs.append(None)
             continue
-        declared = _declared_for_leaf(model, keypath, rules, used_dict_keys)
+        declared = _declared_for_leaf(model, keypath, rules)
         if declared is None:
             specs.append(PartitionSpec(*([None] * len(leaf.shape))))
             continue
         path = path_str(model, keypath)
         specs.append(PartitionSpec(*_fit_to_rank(declared, len(leaf.shape), path)))
-    _check_per_use_dicts(model, used_dict_keys)
+    _check_per_use_dicts(model)
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
@@ -358,17 +362,20 @@ def _iter_modules(node: Any, prefix: tuple[Any, ...] = ()) -> Any:
             yield from _iter_modules(child, (*prefix, *keypath))
 
 
-def _check_per_use_dicts(model: Any, used: set[tuple[str, str]]) -> None:
-    """Every key of every per-use axes dict must name an array that exists."""
+def _check_per_use_dicts(model: Any) -> None:
+    """Every key of every per-use axes dict must name an array that exists.
+
+    Existence, not use: a key overridden by a plan rule or by an outer dict is fine.
+    """
     for keypath, module in _iter_modules(model):
         for f in dataclasses.fields(module):
             meta = f.metadata.get(_AXES_KEY)
             if not isinstance(meta, Mapping):
                 continue
             owner = path_str(model, (*keypath, GetAttrKey(f.name)))
+            known = _leaf_names(getattr(module, f.name))
             for rel in meta:
-                if (owner, rel) not in used:
-                    known = _leaf_names(getattr(module, f.name))
+                if rel not in known:
                     raise ShardingError(
                         f"The axes dict on `{owner}` names `{rel}`, but that field "
                         f"holds no array there; its arrays are {known}.",

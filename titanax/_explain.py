@@ -83,9 +83,8 @@ class Explanation:
         ]
         widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
         for row in (header, *rows):
-            lines.append(
-                "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True))
-            )
+            cells = (x.ljust(w) for x, w in zip(row, widths, strict=True))
+            lines.append("  ".join(cells).rstrip())
         lines.append("")
         lines.append(
             f"params per device: {_fmt_bytes(self.param_bytes_per_device)} "

@@ -74,54 +74,100 @@ def _shape_bytes(shape: str) -> int:
     return total
 
 
-def _groups(line: str) -> list[list[int]] | None:
+def _groups(line: str, n_devices: int | None) -> list[list[int]] | None:
+    """The device groups of a collective line, as positions in the device assignment.
+
+    Handles the explicit `{{0,1},{2,3}}`, iota `[2,4]<=[8]T(..)` and mesh
+    `mesh['a'=2,'b'=4], device_ids=(..) {'a'}` replica-group forms, an empty
+    `replica_groups={}` (all devices) and collective-permute `source_target_pairs`.
+    """
     match = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
     if match:
         return [
             [int(x) for x in g.split(",") if x]
             for g in re.findall(r"\{([\d,]*)\}", match.group(1))
         ]
+    if "replica_groups={}" in line:
+        return [list(range(n_devices))] if n_devices else None
     match = re.search(
         r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line
     )
     if match:
         out_shape = [int(x) for x in match.group(1).split(",")]
-        iota_shape = [int(x) for x in match.group(2).split(",")]
-        ids = np.arange(int(np.prod(iota_shape))).reshape(iota_shape)
-        if match.group(3):
-            ids = ids.transpose([int(x) for x in match.group(3).split(",")])
-        return ids.reshape(out_shape).tolist()
+        return _iota(match.group(2), match.group(3)).reshape(out_shape).tolist()
     match = re.search(
-        r"replica_groups=mesh\[([^\]]*)\](?:<=\[([\d,]+)\](?:T\(([\d,]+)\))?)?"
-        r"\s*\{([^}]*)\}",
+        r"replica_groups=mesh\[(?P<axes>[^\]]*)\]"
+        r"(?:,\s*device_ids=\((?P<ids>.*?)\))?"
+        r"(?:<=\[(?P<iota>[\d,]+)\](?:T\((?P<perm>[\d,]+)\))?)?"
+        r"\s*\{(?P<over>[^}]*)\}",
         line,
     )
     if match:
-        return _mesh_groups(*match.groups())
-    match = re.search(r"source_target_pairs=\{(.*?)\}\}?", line)
+        return _mesh_groups(**match.groupdict())
+    # Match the pairs inside the attribute only: a layout such as `{1,0}` elsewhere
+    # on the line looks like a pair too.
+    match = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
     if match:
-        pairs = re.findall(r"\{(\d+),(\d+)\}", line)
+        pairs = re.findall(r"\{(\d+),(\d+)\}", match.group(1))
         return [[int(a), int(b)] for a, b in pairs]
     return None
 
 
+def _iota(reshape: str, perm: str | None) -> np.ndarray:
+    """The device ids of an iota tile assignment `[reshape]T(perm)`, flattened."""
+    dims = [int(x) for x in reshape.split(",")]
+    ids = np.arange(int(np.prod(dims))).reshape(dims)
+    if perm:
+        ids = ids.transpose([int(x) for x in perm.split(",")])
+    return ids.reshape(-1)
+
+
 def _mesh_groups(
-    axes: str, iota: str | None, transpose: str | None, reduced: str
+    axes: str, ids: str | None, iota: str | None, perm: str | None, over: str
 ) -> list[list[int]]:
-    """Device groups of the `mesh['a'=2,'b'=4] {'a'}` replica-group form."""
-    names = re.findall(r"'([^']+)'=(\d+)", axes)
-    sizes = [int(s) for _, s in names]
-    if iota:
-        ids = np.arange(int(np.prod(sizes))).reshape([int(x) for x in iota.split(",")])
-        if transpose:
-            ids = ids.transpose([int(x) for x in transpose.split(",")])
-        ids = ids.reshape(sizes)
+    """Device groups of the `mesh['a'=2,'b'=4], device_ids=(..) {'a'}` form.
+
+    The mesh is XLA's own (its axis names need not be the user's); the groups vary
+    over the axes (or sub-axes `'a':(pre)size`) in braces.
+    """
+    names = [
+        (n.strip("'"), int(s)) for n, s in re.findall(r"('[^']*'|[^=,]+)=(\d+)", axes)
+    ]
+    sizes = [s for _, s in names]
+    count = int(np.prod(sizes))
+    if ids:
+        iota_ids = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", ids.strip())
+        if iota_ids:
+            devices = _iota(*iota_ids.groups())
+        else:
+            devices = np.array([int(x) for x in re.findall(r"\d+", ids)])
+    elif iota:
+        devices = _iota(iota, perm)
     else:
-        ids = np.arange(int(np.prod(sizes))).reshape(sizes)
-    over = [i for i, (n, _) in enumerate(names) if f"'{n}'" in reduced]
-    keep = [i for i in range(len(names)) if i not in over]
-    size = int(np.prod([sizes[i] for i in over])) if over else 1
-    return ids.transpose(keep + over).reshape(-1, size).tolist()
+        devices = np.arange(count)
+    # Split each mesh axis into (pre, size, rest) pieces for the sub-axes named.
+    refs: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    axis_index = {name: i for i, (name, _) in enumerate(names)}
+    for name, pre, size in re.findall(r"('[^']*'|[^,:\s]+)(?::\((\d+)\)(\d+))?", over):
+        i = axis_index[name.strip("'")]
+        refs[i].append((int(pre), int(size)) if pre else (1, sizes[i]))
+    dims: list[int] = []
+    grouped: list[int] = []
+    for i, full in enumerate(sizes):
+        done = 1
+        for pre, size in sorted(refs.get(i, [])):
+            if pre != done:
+                dims.append(pre // done)
+            grouped.append(len(dims))
+            dims.append(size)
+            done = pre * size
+        if done != full or not refs.get(i):
+            dims.append(full // done)
+    kept = [d for d in range(len(dims)) if d not in grouped]
+    per_group = int(np.prod([dims[d] for d in grouped])) if grouped else 1
+    return (
+        devices.reshape(dims).transpose(kept + grouped).reshape(-1, per_group).tolist()
+    )
 
 
 def _axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[str, ...]:
@@ -174,20 +220,24 @@ def collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collective]:
             continue
         lines.append((computation, line))
     in_loop = _loop_computations(lines)
+    n_devices = mesh.devices.size if mesh is not None else None
     found = []
     for computation, line in lines:
         match = _OP.search(line)
         if not match:
             continue
         shape = match.group("shape")
-        if match.group(0).rstrip("(").endswith("-start") and shape.startswith("("):
-            # An async start returns (operands, results[, context]); count results.
-            parts = _SHAPE.findall(shape)
+        is_start = match.group(0).rstrip("(").endswith("-start")
+        if is_start and match.group("kind") != "all-reduce" and shape.startswith("("):
+            # `all-gather-start` and `collective-permute-start` return (operands,
+            # results[, u32[] contexts]); count the results. `all-reduce-start`
+            # returns its results only (a tuple when combined), so it is kept whole.
+            parts = [(d, s) for d, s in _SHAPE.findall(shape) if s]
             shape = " ".join(f"{d}[{s}]" for d, s in parts[len(parts) // 2 :])
         found.append(
             Collective(
                 kind=match.group("kind"),
-                axes=_axes_of(_groups(line), mesh),
+                axes=_axes_of(_groups(line, n_devices), mesh),
                 bytes=_shape_bytes(shape),
                 in_loop=computation in in_loop,
                 computation=computation,

@@ -246,12 +246,14 @@ class MeshSpec:
         split = math.prod(self.size(a) for a in data_axes)
         if batch_size % split:
             over = " x ".join(f"{a}={self.size(a)}" for a in data_axes)
-            lower = batch_size - batch_size % split
+            # The nearest multiples below and above (two distinct ones when the
+            # batch is smaller than `split`).
+            lower = batch_size - batch_size % split or split
             raise MeshError(
                 f"The global batch of {batch_size} does not split over the data "
                 f"axes {over} ({split} shards).",
                 suggestion=(
-                    f"Use a batch size divisible by {split}, e.g. {lower or split} "
+                    f"Use a batch size divisible by {split}, e.g. {lower} "
                     f"or {lower + split}."
                 ),
             )

@@ -416,7 +416,9 @@ class Plan(eqx.Module):
                 )
             size = mesh.shape[axis]
             if shape[dim] % size:
-                raise PlanError(
+                # Layers not divisible by the pipeline stages is a pipeline error.
+                is_pp = self.pp is not None and axis == self.pp.axis
+                raise (PipelineError if is_pp else PlanError)(
                     f"The plan maps `{names[dim]}` to mesh axis `{axis}` (size "
                     f"{size}), but `{names[dim]}` has size {shape[dim]} at `{path}`.",
                     path=path,

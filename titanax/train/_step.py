@@ -42,6 +42,8 @@ _EVAL_KEY = None  # evaluation runs the loss with key=None: no dropout
 
 
 def _split_loss_output(out: Any, where: str) -> tuple[jax.Array, dict[str, Any]]:
+    loss: Any
+    metrics: Any
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
         loss, metrics = out
     else:
@@ -293,16 +295,21 @@ class TrainStep:
 
     # --- the step -------------------------------------------------------------------
 
-    def _check_loss(self, arrays: list[jax.Array], batch: list[jax.Array]) -> None:
-        """Trace the loss once, abstractly, to catch a bad return before compiling."""
+    def _check_loss(
+        self, arrays: list[jax.Array], batch: list[jax.Array], train: bool = True
+    ) -> None:
+        """Trace the loss once, abstractly, to catch a bad return before compiling.
+
+        Training passes a key (a loss may need one for dropout); evaluation, None."""
         state = self.unflatten(arrays)
         assert self._batch_spec is not None
         one = self._batch_spec.treedef.unflatten(batch)
 
-        def run(model: Any, b: Any) -> Any:
-            return self.loss(self.precision.cast(model), self.precision.cast(b), None)
+        def run(model: Any, b: Any, key: Any) -> Any:
+            return self.loss(self.precision.cast(model), self.precision.cast(b), key)
 
-        out = eqx.filter_eval_shape(run, state.model, one)
+        key = state.key if train else _EVAL_KEY
+        out = eqx.filter_eval_shape(run, state.model, one, key)
         _split_loss_output(out, "`loss`")
 
     def _build(self, arrays: list[jax.Array], batch: list[jax.Array]) -> None:
@@ -322,7 +329,8 @@ class TrainStep:
         """`step` on the flat representation (no PyTree work on the host)."""
         if self._jitted is None:
             self._build(arrays, batch)
-        return self._jitted(arrays, batch)
+        jitted: Any = self._jitted
+        return jitted(arrays, batch)
 
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """One optimizer step; returns the new state and on-device metrics."""
@@ -339,7 +347,8 @@ class TrainStep:
         placed = self.put_batch(batch)
         if self._jitted is None:
             self._build(arrays, placed)
-        return self._jitted.lower(arrays, placed)
+        jitted: Any = self._jitted
+        return jitted.lower(arrays, placed)
 
     def _loss_and_grads(
         self, trainable: Any, frozen: Any, batch: Any, key: jax.Array, scale: Any
@@ -420,7 +429,7 @@ class TrainStep:
         )
         if scale is not None:
             grads = jax.tree.map(lambda g: g / scale, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
@@ -431,7 +440,9 @@ class TrainStep:
         )
         new_trainable = keep(new_trainable, trainable)
         opt_state = keep(opt_state, state.opt_state)
-        bad = ~finite
+        # Under loss scaling, overflowing gradients with a finite loss are the
+        # scaler's ordinary work (it halves the scale); only a bad loss is "bad".
+        bad = ~finite if scale is None else ~jnp.isfinite(loss)
         new_state = TrainState(
             model=eqx.combine(new_trainable, frozen),
             opt_state=opt_state,
@@ -463,7 +474,7 @@ class TrainStep:
     ) -> dict[str, jax.Array]:
         """Loss and metrics of one batch, no update (the loss sees `key=None`)."""
         if self._jitted_eval is None:
-            self._check_loss(arrays, batch)
+            self._check_loss(arrays, batch, train=False)
             self._jitted_eval = jax.jit(
                 self._eval_step,
                 in_shardings=(self._state_shardings, [x.sharding for x in batch]),

@@ -35,7 +35,7 @@ def _default_mesh(plan: Plan) -> Mesh:
     if not axes:
         return make_mesh(jax.devices()[:1], replica=1)
     if len(axes) == 1:
-        return make_mesh(**{axes[0]: -1})
+        return make_mesh(None, **{axes[0]: -1})
     raise TrainerError(
         f"The plan uses several mesh axes {axes}; Titanax will not guess their sizes.",
         suggestion=(
@@ -187,11 +187,11 @@ class Trainer:
             rows = batch[0].shape[0] if batch else 0  # global, on any host count
             while batch is not None and (steps is None or done < steps):
                 arrays, metrics, ok = self._run_step(arrays, batch, step)
+                if ok:  # counted before the prefetch, which an interrupt may stop
+                    step, done = step + 1, done + 1
                 batch = _next_placed(stream, train)  # overlaps the running step
                 if not ok:
                     continue
-                step += 1
-                done += 1
                 if meter is None:
                     # Time from the end of the first (compiling) step.
                     jax.block_until_ready(metrics)
@@ -281,7 +281,8 @@ class Trainer:
             self.state = state
             raise TrainerError(
                 f"The loss or gradients were not finite at step {first_bad + 1}; that "
-                "step was skipped, so `trainer.state` is from before it.",
+                "step was skipped (no non-finite value reached the state), and "
+                f"`trainer.state` is the state after step {int(state.step)}.",
                 suggestion=(
                     "Lower the learning rate, check the data near that step, use "
                     "`precision=tx.Precision.fp32()`, or pass `on_nonfinite='skip'`."

@@ -1,0 +1,100 @@
+# Titanax developer commands. Two of them are all a fresh clone needs:
+#
+#   make demo    create .venv if missing, install, run the demo
+#   make test    create .venv if missing, install with the dev extras, run the tests
+#
+# Everything runs inside .venv; nothing is installed outside it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO ?= examples/minimal_sharding.py
+PYTEST_ARGS ?=
+BENCH ?= $(wildcard benchmarks/bench_*.py)
+LINT_PATHS := $(wildcard titanax models examples tests benchmarks)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help venv .venv install dev demo test lint format typecheck docs docs-serve \
+        bench pre-commit clean distclean
+
+help:  ## List the targets.
+	@grep -E '^[a-zA-Z_. -]+:.*## ' $(MAKEFILE_LIST) \
+		| awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+# --- the virtual environment ---------------------------------------------------------
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "Titanax needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1)." \
+		     "Run e.g. 'make PYTHON=python3.12 ...'."; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { \
+		echo "Could not create $(VENV); on Debian/Ubuntu install python3-venv."; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+venv .venv: $(BIN)/python  ## Create .venv if it is missing.
+
+# Install stamps: each re-runs when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e .
+	@touch $@
+
+$(VENV)/.installed-examples: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[examples]"
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[dev]"
+	@touch $@
+
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[docs]"
+	@touch $@
+
+install: $(VENV)/.installed  ## Install Titanax (editable) into .venv.
+
+dev: $(VENV)/.installed-dev  ## Install Titanax with the dev extras.
+
+# --- the two commands of the Quickstart ------------------------------------------------
+
+demo: $(VENV)/.installed-examples  ## Run the demo script (DEMO=path.py for another).
+	$(BIN)/python $(DEMO)
+
+test: $(VENV)/.installed-dev  ## Run the test suite (extra pytest flags: PYTEST_ARGS=...).
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+# --- checks --------------------------------------------------------------------------
+
+lint: $(VENV)/.installed-dev  ## ruff check and ruff format --check.
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: $(VENV)/.installed-dev  ## Apply ruff's fixes and formatting.
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
+
+typecheck: $(VENV)/.installed-dev  ## pyright.
+	$(BIN)/pyright
+
+pre-commit: $(VENV)/.installed-dev  ## Install the git pre-commit hooks.
+	$(BIN)/pre-commit install
+
+docs: $(VENV)/.installed-docs  ## Build the docs into site/ (strict: warnings fail).
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-docs  ## Serve the docs locally with live reload.
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+bench: $(VENV)/.installed-dev  ## Run benchmarks/bench_*.py (or BENCH=path.py).
+	@if [ -z "$(strip $(BENCH))" ]; then echo "No benchmarks/bench_*.py yet."; fi
+	@set -e; for script in $(BENCH); do \
+		echo "== $$script"; $(BIN)/python $$script; done
+
+# --- cleaning ------------------------------------------------------------------------
+
+clean:  ## Remove build outputs and caches (keeps .venv).
+	rm -rf build dist site *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean  ## Also remove .venv.
+	rm -rf $(VENV)

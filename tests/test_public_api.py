@@ -1,0 +1,109 @@
+"""`import titanax as tx` exposes the documented names, each with a docstring.
+
+To document a new public name, add it to `DOCUMENTED` below.
+"""
+
+import inspect
+
+import pytest
+
+import titanax as tx
+
+DOCUMENTED = [
+    # axes and sharding
+    "field",
+    "logical_axes",
+    "shardings",
+    "shard",
+    "init",
+    "explain",
+    "Explanation",
+    # mesh
+    "make_mesh",
+    "MeshSpec",
+    "simulate_cpu_devices",
+    # plans
+    "Plan",
+    "DP",
+    "FSDP",
+    "TP",
+    "PP",
+    # errors
+    "TitanaxError",
+    "MeshError",
+    "PlanError",
+    "ShardingError",
+    "CollectiveError",
+    "CheckpointError",
+    "TrainerError",
+    "PipelineError",
+]
+
+ERRORS = [
+    "MeshError",
+    "PlanError",
+    "ShardingError",
+    "CollectiveError",
+    "CheckpointError",
+    "TrainerError",
+    "PipelineError",
+]
+
+
+def _public_names():
+    return sorted(
+        name
+        for name in dir(tx)
+        if not name.startswith("_") and not inspect.ismodule(getattr(tx, name))
+    )
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_documented_name_is_exposed(name):
+    assert hasattr(tx, name), f"`tx.{name}` is documented but missing"
+
+
+@pytest.mark.parametrize("name", _public_names())
+def test_public_name_has_docstring(name):
+    obj = getattr(tx, name)
+    doc = inspect.getdoc(obj)
+    assert doc and doc.strip(), f"`tx.{name}` has no docstring"
+
+
+def _public_methods():
+    for name in _public_names():
+        obj = getattr(tx, name)
+        if not inspect.isclass(obj) or issubclass(obj, BaseException):
+            continue
+        for attr, value in vars(obj).items():
+            if attr.startswith("_"):
+                continue
+            if isinstance(value, property | classmethod | staticmethod):
+                yield f"{name}.{attr}"
+            elif inspect.isfunction(value):
+                yield f"{name}.{attr}"
+
+
+@pytest.mark.parametrize("qualname", list(_public_methods()))
+def test_public_method_has_docstring(qualname):
+    cls, attr = qualname.split(".")
+    value = inspect.getattr_static(getattr(tx, cls), attr)
+    if isinstance(value, classmethod | staticmethod):
+        value = value.__func__
+    doc = value.__doc__
+    assert doc and doc.strip(), f"`tx.{qualname}` has no docstring"
+
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_errors_share_a_base_and_carry_a_suggestion(name):
+    error = getattr(tx, name)
+    assert issubclass(error, tx.TitanaxError)
+    raised = error("what went wrong", suggestion="what to do", path="MLP.w_in")
+    assert raised.message == "what went wrong"
+    assert raised.suggestion == "what to do"
+    assert raised.path == "MLP.w_in"
+    assert str(raised) == "what went wrong (at `MLP.w_in`)\nFix: what to do"
+
+
+def test_version():
+    assert isinstance(tx.__version__, str) and tx.__version__

@@ -12,11 +12,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
+import titanax as tx
+from titanax import _hlo
 from titanax._errors import CollectiveError, ShardingError
 from titanax._mesh import make_mesh
 from titanax._plan import DP, TP, Plan
@@ -289,3 +292,97 @@ def test_spmd_inside_an_outer_jit_over_partitioned_arrays(dp):
     ref_model, ref_loss = single_device_step(model, batch)
     assert abs(float(loss) - float(ref_loss)) <= 1e-6
     assert max_diff(new_params, ref_model) <= 1e-6
+
+
+# --- Trainer mode="spmd" ------------------------------------------------------------
+
+
+class _ModeMLP(eqx.Module):
+    w1: jax.Array
+    w2: jax.Array
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.w1 = jax.random.normal(k1, (16, 32)) * 0.3
+        self.w2 = jax.random.normal(k2, (32, 4)) * 0.3
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.w1) @ self.w2
+
+
+def _mode_loss(model, batch, key):
+    del key
+    err = model(batch["x"]) - batch["y"]
+    return jnp.mean(err**2), {"mae": jnp.mean(jnp.abs(err))}
+
+
+def _mode_batches():
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "x": rng.normal(size=(32, 16)).astype(np.float32),
+            "y": rng.normal(size=(32, 4)).astype(np.float32),
+        }
+        for _ in range(4)
+    ]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["dp8", "dp8_acc2"])
+def test_trainer_spmd_mode_equals_jit_mode_and_single_device(accumulate):
+    model = _ModeMLP(jax.random.key(1))
+    batches = _mode_batches()
+    lr = 0.5
+    # The single-device reference: plain SGD on the full batch.
+    params = model
+    reference = []
+    for batch in batches:
+        loss, grads = eqx.filter_value_and_grad(lambda m, b: _mode_loss(m, b, None)[0])(
+            params, batch
+        )
+        params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+        reference.append(float(loss))
+
+    mesh = tx.make_mesh(data=8)
+    plan = tx.Plan(dp=tx.DP(accumulate_steps=accumulate))
+    results = {}
+    for mode in ("jit", "spmd"):
+        step = tx.make_train_step(_mode_loss, optax.sgd(lr), plan, mesh, mode=mode)
+        state = step.init(model, 0)
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        results[mode] = (losses, state.model)
+    for mode, (losses, final) in results.items():
+        np.testing.assert_allclose(losses, reference, rtol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(final.w1, params.w1, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(final.w2, params.w2, rtol=1e-6, atol=1e-7)
+
+
+def test_trainer_spmd_mode_hlo_has_one_gradient_all_reduce():
+    mesh = tx.make_mesh(data=8)
+    counts = {}
+    for mode in ("jit", "spmd"):
+        step = tx.make_train_step(
+            _mode_loss, optax.sgd(0.1), tx.Plan(dp=tx.DP()), mesh, mode=mode
+        )
+        state = step.init(_ModeMLP(jax.random.key(0)), 0)
+        text = step.lower(state, _mode_batches()[0]).compile().as_text()
+        found = _hlo.collectives(text, mesh)
+        counts[mode] = [(c.kind, c.axes, c.in_loop) for c in found]
+    # One (tuple) all-reduce over `data` of the gradients, loss and metrics.
+    assert counts["spmd"] == [("all-reduce", ("data",), False)]
+    assert counts["jit"] == counts["spmd"]
+
+
+def test_trainer_spmd_mode_refuses_parameter_sharding_plans():
+    mesh = tx.make_mesh(data=2, model=4)
+    with pytest.raises(tx.TrainerError, match='mode="spmd"') as info:
+        tx.make_train_step(
+            _mode_loss,
+            optax.sgd(0.1),
+            tx.Plan(dp=tx.DP(), tp=tx.TP()),
+            mesh,
+            mode="spmd",
+        )
+    assert "tx.spmd" in (info.value.suggestion or "")

@@ -24,6 +24,7 @@ from .._plan import Plan
 from .._sharding import init as sharded_init
 from .._sharding import shard, shardings
 from ..optim import current_lr
+from ..parallel import collectives, spmd, spmd_specs, value_and_grad
 from ._batch import (
     BatchSpec,
     _leaf_paths,
@@ -64,6 +65,23 @@ def _split_loss_output(out: Any, where: str) -> tuple[jax.Array, dict[str, Any]]
                 suggestion=f"Reduce `{name}` to a scalar (e.g. its batch mean).",
             )
     return loss, dict(metrics)
+
+
+def _check_mode(mode: str, plan: Plan) -> None:
+    if mode not in ("jit", "spmd"):
+        raise TrainerError(
+            f'`mode` must be "jit" or "spmd", got {mode!r}.',
+            suggestion='Use mode="jit" (compiler-partitioned) or mode="spmd".',
+        )
+    if mode == "spmd" and any(p is not None for p in (plan.fsdp, plan.tp, plan.pp)):
+        raise TrainerError(
+            f'mode="spmd" runs the loss per device for data parallelism; the plan '
+            f"({plan.describe()}) also shards parameters.",
+            suggestion=(
+                'Use mode="jit" for FSDP/TP/PP plans, or write the whole step with '
+                "`tx.spmd` and `tx.collectives` yourself."
+            ),
+        )
 
 
 def resolve_trainable(model: Any, trainable: Trainable | None) -> Any:
@@ -130,6 +148,7 @@ class TrainStep:
         precision: Precision | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         donate: bool = True,
+        mode: Literal["jit", "spmd"] = "jit",
     ):
         if not callable(loss):
             raise TrainerError(
@@ -154,6 +173,8 @@ class TrainStep:
                 suggestion="Use e.g. `tx.Plan(dp=tx.DP())`.",
             )
         plan.check_mesh(mesh)
+        _check_mode(mode, plan)
+        self.mode = mode
         self.loss = loss
         self.optimizer = optimizer
         self.plan = plan
@@ -365,12 +386,63 @@ class TrainStep:
             scaled = loss * scale if scale is not None else loss
             return scaled, (loss, metrics)
 
+        if self.mode == "spmd":
+            return self._spmd_loss_and_grads(objective, trainable, batch, key)
         grad_fn = jax.grad(objective, has_aux=True)
         steps = self.plan.accumulate_steps
         if steps == 1:
             grads, (loss, metrics) = grad_fn(trainable, batch, key)
             return grads, loss, metrics
         return self._accumulate(grad_fn, trainable, batch, key, steps)
+
+    def _spmd_loss_and_grads(
+        self, objective: Any, trainable: Any, batch: Any, key: jax.Array
+    ) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+        # The loss runs per device on its shard of the batch; `tx.value_and_grad`
+        # gives local gradients (parameters marked varying first: no N× trap), which
+        # are accumulated locally over microbatches and reduced once with `pmean`.
+        axes = self.plan.data_axes
+        steps = self.plan.accumulate_steps
+
+        def reduce(tree: Any) -> Any:
+            if not axes:
+                return tree
+            return collectives.pmean(collectives.pvary(tree, axes), axes)
+
+        def body(params: Any, local_batch: Any, k: jax.Array) -> Any:
+            if axes:
+                k = jax.random.fold_in(k, jax.lax.axis_index(axes))
+            grad_fn = value_and_grad(lambda p, b, kk: objective(p, b, kk), has_aux=True)
+            if steps == 1:
+                (_, (loss, metrics)), grads = grad_fn(params, local_batch, k)
+            else:
+                micro = jax.tree.map(
+                    lambda x: x.reshape(steps, x.shape[0] // steps, *x.shape[1:]),
+                    local_batch,
+                )  # (K, b, ...)
+
+                def one(i: jax.Array) -> Any:
+                    b = jax.tree.map(lambda x: x[i], micro)
+                    (_, aux), g = grad_fn(params, b, jax.random.fold_in(k, i))
+                    return g, aux[0], aux[1]
+
+                def add(acc: Any, i: jax.Array) -> Any:
+                    return jax.tree.map(jnp.add, acc, one(i)), None
+
+                first = one(jnp.asarray(0))
+                total, _ = jax.lax.scan(add, first, jnp.arange(1, steps))
+                grads, loss, metrics = jax.tree.map(lambda x: x / steps, total)
+            return reduce(grads), reduce(loss), reduce(metrics)
+
+        grad_specs = spmd_specs(trainable, self.plan, self.mesh)
+        run = spmd(
+            body,
+            self.plan,
+            self.mesh,
+            in_specs=(None, None, PartitionSpec()),
+            out_specs=(grad_specs, PartitionSpec(), PartitionSpec()),
+        )
+        return run(trainable, batch, key)
 
     def _accumulate(
         self, grad_fn: Any, trainable: Any, batch: Any, key: jax.Array, steps: int
@@ -510,6 +582,7 @@ def make_train_step(
     precision: Precision | None = None,
     on_nonfinite: Literal["raise", "skip"] = "raise",
     donate: bool = True,
+    mode: Literal["jit", "spmd"] = "jit",
 ) -> TrainStep:
     """Build a compiled training step, for users who keep their own loop.
 
@@ -527,6 +600,10 @@ def make_train_step(
         skipped (the state is kept); `"raise"` lets `tx.Trainer` raise at the next
         log step naming it, `"skip"` goes on. The counts are in the state.
     - `donate`: donate the old state's buffers to the new one (default True).
+    - `mode`: `"jit"` (default): the loss sees the global batch and XLA partitions
+        it. `"spmd"`: the loss runs per device on its shard of the batch (inside
+        `tx.spmd`) and may call `tx.collectives`; gradients are local, accumulated
+        locally and `pmean`-ed once over the data axes. DP plans only.
 
     **Returns:** a `TrainStep`; `init, step = tx.make_train_step(...)` also works.
 
@@ -547,4 +624,5 @@ def make_train_step(
         precision=precision,
         on_nonfinite=on_nonfinite,
         donate=donate,
+        mode=mode,
     )

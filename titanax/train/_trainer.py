@@ -70,6 +70,8 @@ class Trainer:
         clean); `"skip"` goes on.
     - `hooks`: callables `hook(step, metrics, trainer)` run at each log step.
     - `tokens_per_sample`, `flops_per_step`: for the meter's tokens/s and MFU.
+    - `mode`: `"jit"` (default) or `"spmd"`: the loss runs per device on its batch
+        shard and may call `tx.collectives` (DP plans; see `tx.make_train_step`).
 
     !!! Example
         ```python
@@ -98,6 +100,7 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         tokens_per_sample: int | None = None,
         flops_per_step: float | None = None,
+        mode: Literal["jit", "spmd"] = "jit",
     ):
         if not isinstance(plan, Plan):
             raise TrainerError(
@@ -121,6 +124,7 @@ class Trainer:
             trainable=trainable,
             precision=precision,
             on_nonfinite=on_nonfinite,
+            mode=mode,
         )
         self.checkpoint = checkpoint
         self.loggers = tuple(loggers)

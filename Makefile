@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO ?= examples/minimal_sharding.py
+DEMO ?= examples/mnist_dp/train.py --model mlp
 PYTEST_ARGS ?=
 BENCH ?= $(wildcard benchmarks/bench_*.py)
 LINT_PATHS := $(wildcard titanax models examples tests benchmarks)

@@ -64,10 +64,13 @@ def batch_shardings(leaves: list[Any], plan: Plan, mesh: Mesh) -> list[NamedShar
     return [NamedSharding(mesh, plan.batch_spec(np.ndim(x))) for x in leaves]
 
 
-def check_batch_divides(batch: Any, plan: Plan, mesh: Mesh) -> None:
+def check_batch_divides(
+    batch: Any, plan: Plan, mesh: Mesh, *, accumulate: bool = True
+) -> None:
     """Raise `TrainerError` unless every leaf's leading (global) dim splits over the
-    data axes, and into `plan.accumulate_steps` microbatches."""
-    need = plan.data_parallel_size(mesh) * plan.accumulate_steps
+    data axes (and, with `accumulate`, into `plan.accumulate_steps` microbatches)."""
+    acc = plan.accumulate_steps if accumulate else 1
+    need = plan.data_parallel_size(mesh) * acc
     paths = _leaf_paths(batch)
     for path, leaf in zip(paths, jax.tree.leaves(batch), strict=True):
         if np.ndim(leaf) == 0:
@@ -80,11 +83,10 @@ def check_batch_divides(batch: Any, plan: Plan, mesh: Mesh) -> None:
         size = np.shape(leaf)[0]
         if size % need:
             over = " x ".join(f"{a}={mesh.shape[a]}" for a in plan.data_axes) or "1"
-            acc = plan.accumulate_steps
-            detail = f" x {acc} microbatches" if acc > 1 else ""
+            detail = f", times {acc} microbatches," if acc > 1 else ""
             raise TrainerError(
-                f"The global batch of {size} at `{path}` does not split over the "
-                f"data axes ({over}){detail} = {need}.",
+                f"The global batch of {size} rows at `{path}` does not split into "
+                f"{need} equal parts (data axes {over}{detail}).",
                 path=path,
                 suggestion=f"Use a global batch size divisible by {need}.",
             )

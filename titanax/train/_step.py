@@ -541,29 +541,28 @@ class TrainStep:
 
     # --- evaluation -----------------------------------------------------------------
 
-    def evaluate_flat(
-        self, arrays: list[jax.Array], batch: list[jax.Array]
-    ) -> dict[str, jax.Array]:
-        """Loss and metrics of one batch, no update (the loss sees `key=None`)."""
-        if self._jitted_eval is None:
-            self._check_loss(arrays, batch, train=False)
-            self._jitted_eval = jax.jit(
-                self._eval_step,
-                in_shardings=(self._state_shardings, [x.sharding for x in batch]),
-                out_shardings=replicated(self.mesh),
-            )
-        return self._jitted_eval(arrays, batch)
+    def put_eval_batch(self, batch: Any) -> Any:
+        """Place an evaluation batch: any leading size the data axes divide (its
+        shape need not match the training batches'; each new shape compiles once)."""
+        check_batch_divides(batch, self.plan, self.mesh, accumulate=False)
+        leaves, treedef = jax.tree.flatten(batch)
+        placed = jax.device_put(leaves, batch_shardings(leaves, self.plan, self.mesh))
+        return jax.tree.unflatten(treedef, placed)
 
     def evaluate(self, state: TrainState, batch: Any) -> dict[str, jax.Array]:
-        """Loss and metrics of one batch under `state`, without an update."""
-        return self.evaluate_flat(self.flatten(state), self.put_batch(batch))
+        """Loss and metrics of one batch under `state`, without an update.
 
-    def _eval_step(
-        self, arrays: list[jax.Array], batch_leaves: list[jax.Array]
-    ) -> dict[str, jax.Array]:
+        The loss is called with `key=None` (no dropout).
+        """
+        arrays = self.flatten(state)
+        placed = self.put_eval_batch(batch)
+        if self._jitted_eval is None:
+            self._jitted_eval = jax.jit(self._eval_step)
+        jitted: Any = self._jitted_eval
+        return jitted(arrays, placed)
+
+    def _eval_step(self, arrays: list[jax.Array], batch: Any) -> dict[str, jax.Array]:
         state = self.unflatten(arrays)
-        assert self._batch_spec is not None
-        batch = self._batch_spec.treedef.unflatten(batch_leaves)
         model = self.precision.cast(state.model)
         loss, metrics = _split_loss_output(
             self.loss(model, self.precision.cast(batch), _EVAL_KEY), "`loss`"

@@ -347,29 +347,28 @@ class Trainer:
     ) -> dict[str, float]:
         """Mean loss and metrics over `data` under the current state, no update.
 
-        The loss is called with `key=None` (no dropout). Batches must have the
-        training batches' structure.
+        Batches may have any leading size the data axes divide (not necessarily the
+        training batch size); means are weighted by rows. The loss is called with
+        `key=None` (no dropout).
         """
-        train = self.train_step
-        arrays = train.flatten(self.init_state())
+        state = self.init_state()
         totals: dict[str, Any] = {}
-        count = 0
+        rows = batches = 0
         for batch in data:
-            if max_batches is not None and count >= max_batches:
+            if max_batches is not None and batches >= max_batches:
                 break
-            metrics = train.evaluate_flat(arrays, train.put_batch(batch))
-            totals = (
-                metrics
-                if not totals
-                else jax.tree.map(lambda a, b: a + b, totals, metrics)
-            )
-            count += 1
-        if count == 0:
+            n = int(jax.tree.leaves(batch)[0].shape[0])
+            metrics = self.train_step.evaluate(state, batch)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value * n
+            rows += n
+            batches += 1
+        if rows == 0:
             raise TrainerError(
                 "`evaluate` got no batches.",
                 suggestion="Pass a non-empty iterable of batches.",
             )
-        return {k: float(v) / count for k, v in jax.device_get(totals).items()}
+        return {k: float(v) / rows for k, v in jax.device_get(totals).items()}
 
     def explain(self, batch: Any) -> Explanation:
         """`tx.explain` for this run: parameter rows, per-device bytes of parameters,

@@ -88,7 +88,11 @@ def hand_written(model, loss, optimizer, batches, steps):
 def titanax_loop(model, loss, optimizer, batches, steps):
     mesh = tx.make_mesh(jax.devices()[:1], data=1)
     trainer = tx.Trainer(
-        model, tx.Plan(dp=tx.DP()), optimizer=optimizer, loss=loss, mesh=mesh,
+        model,
+        tx.Plan(dp=tx.DP()),
+        optimizer=optimizer,
+        loss=loss,
+        mesh=mesh,
         log_every=10**9,
     )
     trainer.fit(batches, steps=2)  # compile

@@ -34,6 +34,9 @@ from .parallel import grad as grad
 from .parallel import spmd as spmd
 from .parallel import spmd_specs as spmd_specs
 from .parallel import value_and_grad as value_and_grad
+from .parallel.pipeline import Schedule as Schedule
+from .parallel.pipeline import Stage as Stage
+from .parallel.pipeline import pipeline_schedule as pipeline_schedule
 from .train import LossScale as LossScale
 from .train import Precision as Precision
 from .train import Trainer as Trainer

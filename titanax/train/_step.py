@@ -19,12 +19,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .._axes import path_str
-from .._errors import TrainerError
+from .._errors import PipelineError, TrainerError
 from .._plan import Plan
 from .._sharding import init as sharded_init
 from .._sharding import shard, shardings
 from ..optim import current_lr
 from ..parallel import collectives, spmd, spmd_specs, value_and_grad
+from ..parallel.pipeline import Stage, pipeline_value_and_grad
 from ._batch import (
     BatchSpec,
     _leaf_paths,
@@ -81,6 +82,31 @@ def _check_mode(mode: str, plan: Plan) -> None:
                 'Use mode="jit" for FSDP/TP/PP plans, or write the whole step with '
                 "`tx.spmd` and `tx.collectives` yourself."
             ),
+        )
+
+
+def _check_stage(stage: Any, plan: Plan) -> None:
+    if plan.pp is None:
+        if stage is not None:
+            raise PipelineError(
+                "`stage=` was given, but the plan has no `pp`.",
+                suggestion="Add `pp=tx.PP(...)` to the plan, or drop `stage=`.",
+            )
+        return
+    if not isinstance(stage, Stage):
+        raise PipelineError(
+            f"The plan pipelines ({plan.describe()}), so the step needs a "
+            f"`tx.Stage` describing the model's pipelined stack; got {stage!r}.",
+            suggestion=(
+                "Pass `stage=tx.Stage(where=lambda m: m.blocks, pre=..., post=...)`; "
+                "see docs/pipeline.md."
+            ),
+        )
+    if plan.accumulate_steps > 1:
+        raise PipelineError(
+            f"`DP(accumulate_steps={plan.accumulate_steps})` with PP: pipeline "
+            "microbatches replace gradient accumulation.",
+            suggestion="Use `PP(microbatches=...)` and `DP(accumulate_steps=1)`.",
         )
 
 
@@ -149,6 +175,7 @@ class TrainStep:
         on_nonfinite: Literal["raise", "skip"] = "raise",
         donate: bool = True,
         mode: Literal["jit", "spmd"] = "jit",
+        stage: Stage | None = None,
     ):
         if not callable(loss):
             raise TrainerError(
@@ -174,7 +201,9 @@ class TrainStep:
             )
         plan.check_mesh(mesh)
         _check_mode(mode, plan)
+        _check_stage(stage, plan)
         self.mode = mode
+        self.stage = stage
         self.loss = loss
         self.optimizer = optimizer
         self.plan = plan
@@ -388,12 +417,35 @@ class TrainStep:
 
         if self.mode == "spmd":
             return self._spmd_loss_and_grads(objective, trainable, batch, key)
+        if self.plan.pp is not None:
+            return self._pipeline_loss_and_grads(trainable, frozen, batch, key, scale)
         grad_fn = jax.grad(objective, has_aux=True)
         steps = self.plan.accumulate_steps
         if steps == 1:
             grads, (loss, metrics) = grad_fn(trainable, batch, key)
             return grads, loss, metrics
         return self._accumulate(grad_fn, trainable, batch, key, steps)
+
+    def _pipeline_loss_and_grads(
+        self, trainable: Any, frozen: Any, batch: Any, key: jax.Array, scale: Any
+    ) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+        # Microbatches replace accumulation: the executor runs the plan's schedule
+        # (GPipe or 1F1B) and reduces over the data axes once.
+        assert self.stage is not None
+        model = self.precision.cast(eqx.combine(trainable, frozen))
+        loss, metrics, grads = pipeline_value_and_grad(
+            self.stage,
+            model,
+            self.precision.cast(batch),
+            key,
+            plan=self.plan,
+            mesh=self.mesh,
+            scale=scale,
+        )
+        grads = eqx.filter(grads, self._mask)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+        metrics = {n: v.astype(jnp.float32) for n, v in metrics.items()}
+        return grads, loss.astype(jnp.float32), metrics
 
     def _spmd_loss_and_grads(
         self, objective: Any, trainable: Any, batch: Any, key: jax.Array
@@ -582,6 +634,7 @@ def make_train_step(
     on_nonfinite: Literal["raise", "skip"] = "raise",
     donate: bool = True,
     mode: Literal["jit", "spmd"] = "jit",
+    stage: Stage | None = None,
 ) -> TrainStep:
     """Build a compiled training step, for users who keep their own loop.
 
@@ -603,6 +656,9 @@ def make_train_step(
         it. `"spmd"`: the loss runs per device on its shard of the batch (inside
         `tx.spmd`) and may call `tx.collectives`; gradients are local, accumulated
         locally and `pmean`-ed once over the data axes. DP plans only.
+    - `stage`: with a `PP` plan, the `tx.Stage` saying where the stacked layers are
+        and what runs before (`pre`) and after them (`post`, which gives the training
+        loss). `loss` is then used by `evaluate` only.
 
     **Returns:** a `TrainStep`; `init, step = tx.make_train_step(...)` also works.
 
@@ -624,4 +680,5 @@ def make_train_step(
         on_nonfinite=on_nonfinite,
         donate=donate,
         mode=mode,
+        stage=stage,
     )

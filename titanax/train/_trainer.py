@@ -21,6 +21,7 @@ from .._explain import Explanation, bytes_per_device, explain
 from .._mesh import make_mesh
 from .._plan import Plan
 from ..loggers import Logger, Meter, run_header
+from ..parallel.pipeline import Stage
 from ._precision import Precision
 from ._state import TrainState
 from ._step import LossFn, Trainable, TrainStep
@@ -72,6 +73,7 @@ class Trainer:
     - `tokens_per_sample`, `flops_per_step`: for the meter's tokens/s and MFU.
     - `mode`: `"jit"` (default) or `"spmd"`: the loss runs per device on its batch
         shard and may call `tx.collectives` (DP plans; see `tx.make_train_step`).
+    - `stage`: a `tx.Stage`, required with a `PP` plan (see `tx.make_train_step`).
 
     !!! Example
         ```python
@@ -101,6 +103,7 @@ class Trainer:
         tokens_per_sample: int | None = None,
         flops_per_step: float | None = None,
         mode: Literal["jit", "spmd"] = "jit",
+        stage: Stage | None = None,
     ):
         if not isinstance(plan, Plan):
             raise TrainerError(
@@ -125,6 +128,7 @@ class Trainer:
             precision=precision,
             on_nonfinite=on_nonfinite,
             mode=mode,
+            stage=stage,
         )
         self.checkpoint = checkpoint
         self.loggers = tuple(loggers)

@@ -3,6 +3,7 @@
 To document a new public name, add it to `DOCUMENTED` below.
 """
 
+import dataclasses
 import inspect
 
 import pytest
@@ -37,6 +38,25 @@ DOCUMENTED = [
     "CheckpointError",
     "TrainerError",
     "PipelineError",
+    # training
+    "Trainer",
+    "TrainState",
+    "TrainStep",
+    "make_train_step",
+    "put_batch",
+    "Precision",
+    "optim",
+    "loggers",
+    # explicit SPMD
+    "collectives",
+    "spmd",
+    "spmd_specs",
+    "value_and_grad",
+    "grad",
+    # pipelines
+    "Stage",
+    "pipeline_schedule",
+    "Schedule",
 ]
 
 ERRORS = [
@@ -75,8 +95,13 @@ def _public_methods():
         obj = getattr(tx, name)
         if not inspect.isclass(obj) or issubclass(obj, BaseException):
             continue
+        fields = (
+            {f.name for f in dataclasses.fields(obj)}
+            if dataclasses.is_dataclass(obj)
+            else set()
+        )
         for attr, value in vars(obj).items():
-            if attr.startswith("_"):
+            if attr.startswith("_") or attr in fields:  # a field's default value
                 continue
             if isinstance(value, property | classmethod | staticmethod):
                 yield f"{name}.{attr}"

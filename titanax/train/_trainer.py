@@ -169,8 +169,10 @@ class Trainer:
         - `steps`: how many steps to take (re-iterating `data` as needed).
         - `epochs`: how many passes over `data` (default 1 when `steps` is None).
         - `resume`: `True` restores the latest complete checkpoint of `checkpoint`
-            (a path restores from that directory) and continues at its step, RNG
-            stream and data position.
+            and continues at its step, RNG stream and data position: the first
+            `state.data_position` batches of `data` (the same stream as the
+            interrupted run) are skipped. Without `resume`, `data` is read from its
+            start.
 
         **Returns:** the final `TrainState` (also kept as `trainer.state`). On
         `KeyboardInterrupt`, returns the last complete state.
@@ -184,7 +186,10 @@ class Trainer:
         train = self.train_step
         arrays = train.flatten(state)
         step = int(jax.device_get(state.step))
-        stream = _stream(data, epochs, skip=int(jax.device_get(state.data_position)))
+        # Only a resumed run skips what the checkpointed run already consumed; a
+        # further `fit` on the same trainer starts at the new data's beginning.
+        skip = int(jax.device_get(state.data_position)) if resume else 0
+        stream = _stream(data, epochs, skip=skip)
         meter = None
         metrics: dict[str, Any] = {}
         done = 0

@@ -1,0 +1,348 @@
+"""The reference GPT: training quality and speed, Trainer overhead, TP communication.
+
+Three parts, chosen with `--parts` (default `a,b,c`):
+
+- **a**: the `baby` preset (4 layers, 4 heads, 128 wide, context 64) trained on
+  tinyshakespeare bytes with `tx.Trainer` on one device: batch 12, AdamW lr 1e-3,
+  b2 0.99, warmup 100, cosine to 1e-4, weight decay 0.1, clip 1.0, `--steps` steps
+  (default 2000). Prints the final train/val loss (mean over `--eval-batches` fixed
+  random batches per split) and ms/step (after the compiling first step).
+- **b**: the step time of `tx.Trainer.fit` against a hand-written `jax.jit` loop
+  (jit over params and optimizer state, donated, the batch placed each step; the
+  same model, loss and optimizer), in alternating rounds in this process; medians.
+- **c**: the collectives of one compiled training step under TP=1, 2, 4, 8 (and
+  DP=2 x TP=4), read from the HLO, per device per step. Runs in a subprocess with 8
+  simulated CPU devices. Uses `baby` with 8 heads (same parameter count) so that
+  TP=8 keeps whole heads per device.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/gpt.py --parts c,b
+    .venv/bin/python benchmarks/gpt.py --parts a --steps 2000
+
+Markdown tables go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import titanax as tx  # noqa: E402
+from models import gpt_plans  # noqa: E402
+from models.gpt import GPT, GPTConfig, gpt_loss, param_count  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+BATCH = 12
+
+
+# ----------------------------------------------------------------------------
+# Data: random contiguous windows, nanoGPT's get_batch
+
+
+def load_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    split = int(0.9 * len(data))
+    return data[:split], data[split:]
+
+
+def get_batch(data: np.ndarray, block: int, rng: np.random.Generator) -> dict:
+    starts = rng.integers(0, len(data) - block - 1, BATCH)
+    w = np.stack([data[s : s + block + 1] for s in starts]).astype(np.int32)
+    return {"x": w[:, :-1], "y": w[:, 1:]}
+
+
+def windows(data: np.ndarray, block: int, seed: int, start: int = 0):
+    """An endless stream of batches from batch `start` on; batch i depends only on
+    (seed, i)."""
+    i = start
+    while True:
+        yield get_batch(data, block, np.random.default_rng((seed, i)))
+        i += 1
+
+
+def fixed_batches(data: np.ndarray, block: int, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [get_batch(data, block, rng) for _ in range(n)]
+
+
+def optimizer(steps: int) -> optax.GradientTransformation:
+    return tx.optim.adamw(
+        1e-3,
+        b2=0.99,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        warmup_steps=100,
+        total_steps=max(steps, 101),
+        end_lr=1e-4,
+    )
+
+
+def single_device_mesh():
+    return tx.make_mesh(jax.devices()[:1], data=1)
+
+
+# ----------------------------------------------------------------------------
+# (a) train baby on tinyshakespeare
+
+
+def part_a(args: argparse.Namespace) -> None:
+    train, val = load_bytes(Path(args.text))
+    config = GPTConfig.preset("baby")
+    block = config.block_size
+    trainer = tx.Trainer(
+        lambda key: GPT(config, key=key),
+        gpt_plans.dp(),
+        optimizer=optimizer(args.steps),
+        loss=gpt_loss,
+        mesh=single_device_mesh(),
+        loggers=[tx.loggers.Basic()],
+        log_every=args.log_every,
+        tokens_per_sample=block,
+    )
+    start = time.perf_counter()
+    trainer.fit(windows(train, block, seed=0), steps=1)  # compiles
+    compiled = time.perf_counter()
+    state = trainer.fit(windows(train, block, seed=0, start=1), steps=args.steps - 1)
+    jax.block_until_ready(state.model)
+    end = time.perf_counter()
+    ms = (end - compiled) / (args.steps - 1) * 1e3
+    losses = {
+        name: trainer.evaluate(fixed_batches(d, block, args.eval_batches, seed=1))[
+            "loss"
+        ]
+        for name, d in (("train", train), ("val", val))
+    }
+    print(f"\n### (a) baby GPT on tinyshakespeare, {args.steps} steps, one device\n")
+    print(
+        f"{param_count(config) / 1e6:.2f}M parameters, batch {BATCH}, context {block}"
+    )
+    print("\n| steps | train loss | val loss | ms/step | first step (compile) s |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| {args.steps} | {losses['train']:.4f} | {losses['val']:.4f} | {ms:.1f} "
+        f"| {compiled - start:.1f} |"
+    )
+    print(f"\nloss: mean over {args.eval_batches} fixed random batches per split")
+
+
+# ----------------------------------------------------------------------------
+# (b) Trainer against a hand-written jax.jit loop
+
+
+def hand_written(model, opt, batches):
+    """What a careful JAX user writes: one jit over (params, opt_state, batch),
+    state donated, the host batch placed each step."""
+    params, static = eqx.partition(model, eqx.is_array)
+    params = jax.tree.map(jax.numpy.copy, params)
+    opt_state = opt.init(params)
+
+    def step(params, opt_state, batch):
+        def objective(p):
+            return gpt_loss(eqx.combine(p, static), batch, None)[0]
+
+        value, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params, opt_state, value = step(params, opt_state, jax.device_put(batches[0]))
+    jax.block_until_ready(value)  # compiled
+
+    def run(n):
+        nonlocal params, opt_state
+        start = time.perf_counter()
+        for i in range(n):
+            batch = jax.device_put(batches[i % len(batches)])
+            params, opt_state, value = step(params, opt_state, batch)
+        jax.block_until_ready(value)
+        return (time.perf_counter() - start) / n
+
+    return run
+
+
+def with_trainer(model, opt, batches):
+    trainer = tx.Trainer(
+        model,
+        gpt_plans.dp(),
+        optimizer=opt,
+        loss=gpt_loss,
+        mesh=single_device_mesh(),
+        log_every=10**9,
+    )
+    trainer.fit(batches, steps=2)  # compiled
+
+    def run(n):
+        data = [batches[i % len(batches)] for i in range(n)]
+        start = time.perf_counter()
+        state = trainer.fit(data, steps=n)
+        jax.block_until_ready(state.model)
+        return (time.perf_counter() - start) / n
+
+    return run
+
+
+def part_b(args: argparse.Namespace) -> None:
+    train, _ = load_bytes(Path(args.text))
+    config = GPTConfig.preset("baby")
+    model = GPT(config, key=jax.random.key(0))
+    batches = fixed_batches(train, config.block_size, 16, seed=2)
+    opt = optimizer(10_000)
+    runs = {
+        "hand-written jax.jit": hand_written(model, opt, batches),
+        "tx.Trainer.fit": with_trainer(model, opt, batches),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for label, run in runs.items():
+            times[label].append(run(args.round_steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\n### (b) baby GPT step time, one device: {args.rounds} alternating rounds "
+        f"of {args.round_steps} steps\n"
+    )
+    print("| loop | median ms/step | min | max |")
+    print("|---|---|---|---|")
+    for label, values in times.items():
+        print(
+            f"| {label} | {med[label] * 1e3:.1f} | {min(values) * 1e3:.1f} | "
+            f"{max(values) * 1e3:.1f} |"
+        )
+    ratio = med["tx.Trainer.fit"] / med["hand-written jax.jit"]
+    print(f"\nratio Trainer / hand-written: **{ratio:.3f}**")
+
+
+# ----------------------------------------------------------------------------
+# (c) collectives per step under TP, from compiled HLO (8 simulated devices)
+
+LAYOUTS = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4)]  # (data, model)
+
+
+def part_c_worker() -> None:
+    from titanax._explain import bytes_per_device
+    from titanax._hlo import collectives
+
+    config = GPTConfig.preset("baby", n_head=8)
+    abstract = eqx.filter_eval_shape(lambda k: GPT(config, key=k), jax.random.key(0))
+    # Random weights drawn in numpy: only shapes and shardings matter here.
+    shapes, static = eqx.partition(
+        abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    )
+    rng = np.random.default_rng(0)
+    arrays = jax.tree.map(
+        lambda s: 0.02 * rng.standard_normal(s.shape).astype(np.float32), shapes
+    )
+    model = eqx.combine(arrays, static)
+    batch = {"x": np.zeros((BATCH, 64), np.int32), "y": np.zeros((BATCH, 64), np.int32)}
+    act = BATCH * config.block_size * config.n_embd * 4
+    print(
+        f"\n### (c) collectives of one training step, `baby` with 8 heads "
+        f"({config.n_layer} layers), batch {BATCH}, context {config.block_size}\n"
+    )
+    print(
+        "Per device per step. Ops inside the layer scan count once per layer "
+        f"({config.n_layer}x). Bytes are each op's result size per device (a ring "
+        "all-reduce moves about 2(n-1)/n of that per device). One [B, T, C] "
+        f"activation = {act:,} bytes (a DP shard holds 1/DP of it).\n"
+    )
+    print(
+        "| layout | params/device | kind | mesh axes | ops/step | of which in layer "
+        "scan | bytes/step |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for data, model_size in LAYOUTS:
+        mesh = tx.make_mesh(
+            jax.devices()[: data * model_size], data=data, model=model_size
+        )
+        plan = gpt_plans.plan_for(dp_size=data, tp_size=model_size)
+        step = tx.make_train_step(gpt_loss, optax.sgd(0.1), plan, mesh)
+        state = step.init(model, 0)
+        ops = collectives(step.lower(state, batch).compile().as_text(), mesh)
+        name = f"DP={data} x TP={model_size}" if data > 1 else f"TP={model_size}"
+        params = f"{bytes_per_device(state.model) / 1024:.0f} KiB"
+        rows: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for c in ops:
+            trips = config.n_layer if c.in_loop else 1
+            row = rows.setdefault((c.kind, c.axes), [0, 0, 0])
+            row[0] += trips
+            row[1] += trips if c.in_loop else 0
+            row[2] += trips * c.bytes
+        if not rows:
+            print(f"| {name} | {params} | none | | 0 | 0 | 0 |")
+        total = 0
+        for (kind, axes), (count, looped, nbytes) in sorted(rows.items()):
+            total += nbytes
+            over = ", ".join(axes) or "-"
+            print(
+                f"| {name} | {params} | {kind} | {over} | {count} | {looped} "
+                f"| {nbytes:,} |"
+            )
+        if rows:
+            print(f"| {name} | | **total** | | | | **{total:,}** |")
+        sys.stdout.flush()
+
+
+def part_c() -> None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--parts", "c-worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    print(proc.stdout, end="")
+    if proc.returncode:
+        raise SystemExit(f"part (c) failed:\n{proc.stderr[-3000:]}")
+
+
+# ----------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="a,b,c", help="any of a, b, c, comma-separated")
+    p.add_argument("--text", default=str(SHAKESPEARE), help="training text")
+    p.add_argument("--steps", type=int, default=2000, help="(a) training steps")
+    p.add_argument("--eval-batches", type=int, default=50, help="(a) per split")
+    p.add_argument("--log-every", type=int, default=100, help="(a)")
+    p.add_argument("--rounds", type=int, default=5, help="(b) alternating rounds")
+    p.add_argument("--round-steps", type=int, default=30, help="(b) steps per round")
+    args = p.parse_args()
+    parts = args.parts.split(",")
+    if "c-worker" in parts:
+        part_c_worker()
+        return
+    print(
+        f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} CPU cores, titanax {tx.__version__}"
+    )
+    start = time.perf_counter()
+    for part, run in (("c", part_c), ("b", lambda: part_b(args))):
+        if part in parts:
+            run()
+    if "a" in parts:
+        part_a(args)
+    print(f"\ntotal time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

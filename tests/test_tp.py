@@ -173,3 +173,17 @@ def test_rule_for_a_missing_logical_axis_warns(foreign):
     plan = tx.Plan(tp=tx.TP("model", rules={"mlp": "model", "ffn": "model"}))
     with pytest.warns(UserWarning, match="`ffn`"):
         plan.validate(_mesh(4), foreign)
+
+
+def test_attention_heads_split_inside_a_head_is_refused():
+    # 2 heads of size 16: the merged (heads*head_size) dim of 32 divides 4, but
+    # TP=4 would cut each head in half. The plan checks `num_heads` itself.
+    class Attn(eqx.Module):
+        attn: eqx.nn.MultiheadAttention
+
+    model = Attn(eqx.nn.MultiheadAttention(2, 32, key=jax.random.key(0)))
+    mesh = tx.make_mesh(jax.devices()[:4], model=4)
+    with pytest.raises(tx.PlanError, match="has 2 heads") as info:
+        tx.Plan(tp=tx.TP()).validate(mesh, model)
+    assert info.value.path == "Attn.attn"
+    assert "divides 2" in (info.value.suggestion or "")

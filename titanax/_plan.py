@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._axes import AxisNames, is_arraylike, logical_axes, path_str
+from ._axes import AxisNames, _iter_modules, is_arraylike, logical_axes, path_str
 from ._errors import PipelineError, PlanError
 
 __all__ = ["DP", "FSDP", "PP", "TP", "Plan"]
@@ -310,6 +310,7 @@ class Plan(eqx.Module):
         Validates the plan against `mesh` and `model` first; see `validate`.
         """
         self.check_mesh(mesh)
+        self._check_attention_heads(model, mesh)
         logical = logical_axes(model, self.rules)
         mapping = self.logical_rules()
         self._warn_unused(logical, mapping)
@@ -344,6 +345,29 @@ class Plan(eqx.Module):
         self.partition_specs(model, mesh)
         if self.pp is not None:
             self._check_pipeline(model, mesh)
+
+    def _check_attention_heads(self, model: Any, mesh: Mesh) -> None:
+        """`eqx.nn.MultiheadAttention` merges heads and head size into one dim, so the
+        per-dim check cannot see a split inside a head: check `num_heads` itself."""
+        axis = dict(self.logical_rules()).get("heads")
+        if axis is None:
+            return
+        size = mesh.shape[axis]
+        for keypath, module in _iter_modules(model):
+            if (
+                isinstance(module, eqx.nn.MultiheadAttention)
+                and module.num_heads % size
+            ):
+                path = path_str(model, keypath)
+                raise PlanError(
+                    f"The plan maps `heads` to mesh axis `{axis}` (size {size}), but "
+                    f"the attention at `{path}` has {module.num_heads} heads.",
+                    path=path,
+                    suggestion=(
+                        f"Use a `{axis}` size that divides {module.num_heads}, or map "
+                        "`heads` to None."
+                    ),
+                )
 
     def _check_pipeline(self, model: Any, mesh: Mesh) -> None:
         assert self.pp is not None

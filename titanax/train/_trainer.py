@@ -69,7 +69,8 @@ class Trainer:
     - `on_nonfinite`: `"raise"` (default) raises `TrainerError` naming the first step
         whose loss or gradients were not finite (that step was skipped, the state is
         clean); `"skip"` goes on.
-    - `hooks`: callables `hook(step, metrics, trainer)` run at each log step.
+    - `hooks`: callables `hook(step, metrics, trainer)` run at each log step, with
+        `trainer.state` current (so a hook may call `trainer.evaluate(...)`).
     - `tokens_per_sample`, `flops_per_step`: for the meter's tokens/s and MFU.
     - `mode`: `"jit"` (default) or `"spmd"`: the loss runs per device on its batch
         shard and may call `tx.collectives` (DP plans; see `tx.make_train_step`).
@@ -282,6 +283,10 @@ class Trainer:
         self._check_nonfinite(arrays)
         for logger in self.loggers:
             logger.log(step, host)
+        if self.hooks:
+            # Hooks see the current state (e.g. to `evaluate`); it is valid until the
+            # next step, which donates its buffers.
+            self.state = self.train_step.unflatten(arrays)
         for hook in self.hooks:
             hook(step, host, self)
 

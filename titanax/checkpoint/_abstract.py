@@ -1,0 +1,168 @@
+"""Abstract TrainStates: shapes, dtypes and shardings, no memory.
+
+A restore target says where every array lands. `abstract_state` traces
+`TrainStep.init` (the code path that builds a real state) with `eqx.filter_eval_shape`
+and attaches the shardings the plan gives on the new mesh, so a checkpoint restores
+straight into the new layout without ever materialising the model first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .._errors import CheckpointError
+from .._plan import Plan
+from .._sharding import shardings
+from ..train._precision import Precision
+from ..train._state import TrainState
+from ..train._step import Trainable, TrainStep
+
+__all__ = ["abstract_state", "is_arraylike", "to_abstract"]
+
+
+def is_arraylike(x: Any) -> bool:
+    """True for `jax.Array`s, numpy arrays and `jax.ShapeDtypeStruct`s."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _no_loss(model: Any, batch: Any, key: Any) -> Any:  # pragma: no cover
+    raise AssertionError("abstract_state never runs a loss")
+
+
+class _TracedInit(TrainStep):
+    """`TrainStep` whose `init` can run under `eval_shape`.
+
+    `_bind` reads `.sharding` off the new state's arrays, which tracers lack; here it
+    only keeps the trainable mask (resolved by `init` before `_bind`).
+    """
+
+    def _bind(self, state: TrainState) -> None:
+        del state
+
+
+def abstract_state(
+    model: Any,
+    plan: Plan,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    *,
+    trainable: Trainable | None = None,
+    precision: Precision | None = None,
+    key: jax.Array | int = 0,
+) -> TrainState:
+    """The `TrainState` that `tx.make_train_step(...).init(model, key)` would build,
+    as `jax.ShapeDtypeStruct`s carrying their shardings: a restore target.
+
+    Nothing is allocated: the model is traced, not built. Restoring onto this target
+    lands every array directly in the sharding `plan` gives it on `mesh`, whatever the
+    plan and mesh the checkpoint was saved with (resharding).
+
+    **Arguments:**
+
+    - `model`: the model (`eqx.Module`), or a `key -> eqx.Module` function (cheaper:
+        no weights are ever computed).
+    - `plan`, `mesh`: the layout to restore into.
+    - `optimizer`: the Optax transformation the state's `opt_state` belongs to.
+    - `trainable`, `precision`: as for `tx.make_train_step`; they decide which
+        arrays have optimizer state and whether a loss scale exists.
+    - `key`: as for `init` (only its type matters here).
+
+    **Returns:** a `TrainState` whose array leaves are
+    `jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))`; its
+    non-array leaves (activation functions, ...) are the model's.
+
+    !!! Example
+        ```python
+        target = tx.abstract_state(make_model, new_plan, new_mesh, optimizer)
+        state = ckpt.restore(target)  # resharded onto new_mesh
+        ```
+    """
+    builder = _TracedInit(
+        _no_loss, optimizer, plan, mesh, trainable=trainable, precision=precision
+    )
+    traced = eqx.filter_eval_shape(lambda m: builder.init(m, key), model)
+    mask = builder._mask  # set by `init` from the traced model
+    rep = NamedSharding(mesh, PartitionSpec())
+    model_shardings = shardings(traced.model, plan, mesh)
+    # The optimizer state is pinned to its parameters' shardings, as in
+    # `TrainStep._init_opt_state`; the rest of the state is replicated.
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        traced.opt_state,
+        eqx.filter(model_shardings, mask),
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: x is None,
+    )
+
+    def place(tree: Any, tree_shardings: Any) -> Any:
+        def one(x: Any, sharding: Any) -> Any:
+            if not isinstance(x, jax.ShapeDtypeStruct):
+                return x
+            if not isinstance(sharding, NamedSharding):
+                sharding = rep
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        dynamic, static = eqx.partition(tree, is_arraylike)
+        placed = jax.tree.map(one, dynamic, tree_shardings, is_leaf=lambda x: x is None)
+        return eqx.combine(placed, static)
+
+    def replicate(tree: Any) -> Any:
+        return jax.tree.map(
+            lambda x: (
+                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+                if isinstance(x, jax.ShapeDtypeStruct)
+                else x
+            ),
+            tree,
+        )
+
+    return TrainState(
+        model=place(traced.model, model_shardings),
+        opt_state=place(traced.opt_state, opt_shardings),
+        step=replicate(traced.step),
+        rng=replicate(traced.rng),
+        data_position=replicate(traced.data_position),
+        loss_scale=replicate(traced.loss_scale),
+        bad_steps=replicate(traced.bad_steps),
+        first_bad_step=replicate(traced.first_bad_step),
+    )
+
+
+def to_abstract(tree: Any, where: str = "target") -> Any:
+    """Each array of `tree` as a `jax.ShapeDtypeStruct` with its sharding.
+
+    **Raises:** `CheckpointError` if a `ShapeDtypeStruct` leaf has no sharding.
+    """
+
+    def one(path: Any, x: Any) -> Any:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            if x.sharding is None:
+                raise CheckpointError(
+                    f"The restore {where} has a `jax.ShapeDtypeStruct` without a "
+                    f"sharding at `{jax.tree_util.keystr(path)}`: Titanax cannot "
+                    "tell which devices it belongs on.",
+                    suggestion=(
+                        "Build the target with `tx.abstract_state(model, plan, mesh, "
+                        "optimizer)`, or give every ShapeDtypeStruct a `sharding=`."
+                    ),
+                )
+            return x
+        if eqx.is_array(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x))
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _sharding_of(x: Any) -> Any:
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:  # a numpy array: restore onto the default device
+        device = jax.devices()[0]
+        sharding = jax.sharding.SingleDeviceSharding(device)
+    return sharding

@@ -47,6 +47,10 @@ DOCUMENTED = [
     "Precision",
     "optim",
     "loggers",
+    # checkpoints
+    "OrbaxCheckpoint",
+    "abstract_state",
+    "PreemptionGuard",
     # explicit SPMD
     "collectives",
     "spmd",

@@ -29,6 +29,9 @@ from ._plan import Plan as Plan
 from ._sharding import init as init
 from ._sharding import shard as shard
 from ._sharding import shardings as shardings
+from .checkpoint import OrbaxCheckpoint as OrbaxCheckpoint
+from .checkpoint import PreemptionGuard as PreemptionGuard
+from .checkpoint import abstract_state as abstract_state
 from .parallel import collectives as collectives
 from .parallel import grad as grad
 from .parallel import spmd as spmd

@@ -429,8 +429,8 @@ class OrbaxCheckpoint:
         # What the target asks for, keyed like the checkpoint.
         wanted: dict[tuple[str, ...], tuple[str, Any]] = {}
         kept: dict[tuple[str, ...], str] = {}
+        abstract = to_abstract(target) if target is not None else None
         if target is not None:
-            abstract = to_abstract(target)
             for keypath, x in jax.tree_util.tree_flatten_with_path(abstract)[0]:
                 if not isinstance(x, jax.ShapeDtypeStruct):
                     continue
@@ -526,7 +526,7 @@ class OrbaxCheckpoint:
                 # Same leaves: restore into the target's own structure, as plain
                 # Orbax would. On any failure the general path below decides.
                 item = eqx.filter(
-                    to_abstract(target), lambda x: isinstance(x, jax.ShapeDtypeStruct)
+                    abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct)
                 )
                 restored = self._read_arrays(step, item, quiet=True)
         if restored is None:

@@ -20,6 +20,7 @@ from .._errors import TitanaxError, TrainerError
 from .._explain import Explanation, bytes_per_device, explain
 from .._mesh import make_mesh
 from .._plan import Plan
+from ..checkpoint._preemption import PreemptionGuard
 from ..loggers import Logger, Meter, run_header
 from ..parallel.pipeline import Stage
 from ._precision import Precision
@@ -196,13 +197,17 @@ class Trainer:
         done = 0
         last_logged = step
         timer = time.perf_counter()
+        guard = PreemptionGuard() if self.checkpoint is not None else None
         try:
+            if guard is not None:
+                guard.__enter__()
             batch = _next_placed(stream, train)
             rows = batch[0].shape[0] if batch else 0  # global, on any host count
             while batch is not None and (steps is None or done < steps):
                 arrays, metrics, ok = self._run_step(arrays, batch, step)
-                if ok:  # counted before the prefetch, which an interrupt may stop
-                    step, done = step + 1, done + 1
+                if ok:
+                    step += 1
+                    done += 1
                 batch = _next_placed(stream, train)  # overlaps the running step
                 if not ok:
                     continue
@@ -215,19 +220,30 @@ class Trainer:
                     self._log(step, metrics, arrays, meter, step - last_logged, timer)
                     timer, last_logged = time.perf_counter(), step
                 self._maybe_checkpoint(arrays, step)
+                if guard is not None and guard.requested:
+                    # Preempted (SIGTERM): the step finished; save it and stop.
+                    warnings.warn(
+                        f"Preemption signal received; stopping after step {step} "
+                        "and saving a checkpoint.",
+                        stacklevel=2,
+                    )
+                    break
         except KeyboardInterrupt:
             warnings.warn(
                 f"Training interrupted at step {step}; returning the last state.",
                 stacklevel=2,
             )
             self.state = train.unflatten(arrays)
-            self._final_checkpoint(arrays)
+            self._final_checkpoint(arrays, step)
             return self.state
+        finally:
+            if guard is not None:
+                guard.__exit__(None, None, None)
         self.state = train.unflatten(arrays)
         if metrics and step != last_logged and meter is not None:
             self._log(step, metrics, arrays, meter, step - last_logged, timer)
         self._check_nonfinite(arrays)
-        self._final_checkpoint(arrays)
+        self._final_checkpoint(arrays, step)
         return self.state
 
     def _run_step(
@@ -323,31 +339,49 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------
 
     def _resume(self, state: TrainState, resume: bool | str) -> TrainState:
-        del resume
-        if self.checkpoint is None:
+        checkpoint = self.checkpoint
+        if isinstance(resume, str):
+            from ..checkpoint import OrbaxCheckpoint
+
+            checkpoint = OrbaxCheckpoint(resume)
+        if checkpoint is None:
             raise TrainerError(
-                "`fit(resume=...)` needs a checkpoint to resume from.",
-                suggestion="Pass `checkpoint=tx.OrbaxCheckpoint(path)` to the Trainer.",
+                "`fit(resume=True)` needs a checkpoint to resume from.",
+                suggestion=(
+                    "Pass `checkpoint=tx.OrbaxCheckpoint(path)` to the Trainer, or "
+                    "`fit(data, resume=path)`."
+                ),
             )
-        if self.checkpoint.latest_step() is None:
-            return state
-        restored = self.checkpoint.restore(state)
+        if checkpoint.latest_step() is None:
+            return state  # nothing saved yet: a fresh start
+        restored = checkpoint.restore(state)
         self.state = restored
         self.train_step.flatten(restored)
         return restored
 
     def _maybe_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
-        every = getattr(self.checkpoint, "every", None)
-        if self.checkpoint is not None and every and step % every == 0:
+        if self.checkpoint is not None and self.checkpoint.should_save(step):
             self.checkpoint.save(
-                self.train_step.unflatten(arrays), plan=self.plan, mesh=self.mesh
+                self.train_step.unflatten(arrays),
+                step=step,
+                plan=self.plan,
+                mesh=self.mesh,
             )
 
-    def _final_checkpoint(self, arrays: list[jax.Array]) -> None:
+    def _final_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
         if self.checkpoint is None:
+            return
+        if any(x.is_deleted() for x in arrays):
+            # Interrupted after its state was donated: the last save stays latest.
+            warnings.warn(
+                f"Step {step}'s state was donated when training stopped; not saving "
+                "it. The latest checkpoint is intact.",
+                stacklevel=3,
+            )
             return
         self.checkpoint.save(
             self.train_step.unflatten(arrays),
+            step=step,
             force=True,
             plan=self.plan,
             mesh=self.mesh,

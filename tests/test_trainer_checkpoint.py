@@ -1,0 +1,120 @@
+"""The Trainer with checkpoints: exact resume, SIGTERM and Ctrl-C save the last step."""
+
+import os
+import signal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import titanax as tx
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
+
+
+class _MLP(eqx.Module):
+    w1: jax.Array
+    w2: jax.Array
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.w1 = jax.random.normal(k1, (8, 16)) * 0.3
+        self.w2 = jax.random.normal(k2, (16, 2)) * 0.3
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.w1) @ self.w2
+
+
+def _loss(model, batch, key):
+    # Dropout makes the RNG stream part of what must resume exactly.
+    h = jnp.tanh(batch["x"] @ model.w1)
+    h = jnp.where(jax.random.bernoulli(key, 0.8, h.shape), h / 0.8, 0.0)
+    return jnp.mean((h @ model.w2 - batch["y"]) ** 2)
+
+
+def _data(n=12):
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "x": rng.normal(size=(16, 8)).astype(np.float32),
+            "y": rng.normal(size=(16, 2)).astype(np.float32),
+        }
+        for _ in range(n)
+    ]
+
+
+def _trainer(path=None, hooks=(), every=4):
+    checkpoint = tx.OrbaxCheckpoint(path, every=every) if path is not None else None
+    return tx.Trainer(
+        _MLP,
+        tx.Plan(dp=tx.DP()),
+        optimizer=tx.optim.adamw(1e-2),
+        loss=_loss,
+        checkpoint=checkpoint,
+        hooks=hooks,
+        log_every=1,
+        seed=3,
+    )
+
+
+def _assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    return _trainer().fit(_data(), steps=12)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, uninterrupted):
+    first = _trainer(tmp_path).fit(_data(), steps=7)
+    assert int(first.step) == 7
+    resumed_trainer = _trainer(tmp_path)
+    assert resumed_trainer.checkpoint.latest_step() == 7  # forced save at the end
+    resumed = resumed_trainer.fit(_data(), steps=5, resume=True)
+    assert int(resumed.step) == 12 and int(resumed.data_position) == 12
+    _assert_same(resumed.model, uninterrupted.model)
+    _assert_same(resumed.opt_state, uninterrupted.opt_state)
+
+
+def test_sigterm_saves_the_step_and_resumes_exactly(tmp_path, uninterrupted):
+    def preempt_at_6(step, metrics, trainer):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.warns(UserWarning, match="Preemption signal received"):
+        stopped = _trainer(tmp_path, hooks=[preempt_at_6]).fit(_data(), steps=12)
+    assert int(stopped.step) == 6
+    checkpoint = tx.OrbaxCheckpoint(tmp_path)
+    assert checkpoint.latest_step() == 6
+    resumed = _trainer(tmp_path).fit(_data(), steps=6, resume=True)
+    _assert_same(resumed.model, uninterrupted.model)
+
+
+def test_keyboard_interrupt_saves_last_step(tmp_path):
+    def data():
+        for i, batch in enumerate(_data()):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    with pytest.warns(UserWarning, match="interrupted at step 5"):
+        state = _trainer(tmp_path).fit(data(), steps=12)
+    assert int(state.step) == 5
+    assert tx.OrbaxCheckpoint(tmp_path).latest_step() == 5
+
+
+def test_resume_from_a_path(tmp_path, uninterrupted):
+    _trainer(tmp_path).fit(_data(), steps=4)
+    resumed = _trainer().fit(_data(), steps=8, resume=str(tmp_path))
+    _assert_same(resumed.model, uninterrupted.model)
+
+
+def test_resume_without_checkpoint_is_an_error():
+    with pytest.raises(tx.TrainerError, match="needs a checkpoint"):
+        _trainer().fit(_data(), steps=1, resume=True)

@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO ?= examples/mnist_dp/train.py --model mlp
 PYTEST_ARGS ?=
-BENCH ?= $(wildcard benchmarks/bench_*.py)
+BENCH ?= benchmarks/overhead.py benchmarks/gpt.py benchmarks/checkpoint.py
 LINT_PATHS := $(wildcard titanax models examples tests benchmarks)
 
 .DEFAULT_GOAL := help
@@ -85,8 +85,7 @@ docs: $(VENV)/.installed-docs  ## Build the docs into site/ (strict: warnings fa
 docs-serve: $(VENV)/.installed-docs  ## Serve the docs locally with live reload.
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
-bench: $(VENV)/.installed-dev  ## Run benchmarks/bench_*.py (or BENCH=path.py).
-	@if [ -z "$(strip $(BENCH))" ]; then echo "No benchmarks/bench_*.py yet."; fi
+bench: $(VENV)/.installed-dev  ## Run the benchmarks (or BENCH=path.py).
 	@set -e; for script in $(BENCH); do \
 		echo "== $$script"; $(BIN)/python $$script; done
 

@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO ?= examples/mnist_dp/train.py --model mlp
+DEMO ?= examples/gpt/train.py --dp 2 --tp 4 --steps 600
 PYTEST_ARGS ?=
 BENCH ?= benchmarks/overhead.py benchmarks/gpt.py benchmarks/checkpoint.py
 LINT_PATHS := $(wildcard titanax models examples tests benchmarks)

@@ -298,6 +298,38 @@ def test_loss_not_callable():
         tx.make_train_step("xent", optax.sgd(0.1), dp_plan(), tx.make_mesh(data=8))
 
 
+# --- batch placement --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["dp8", "dp2_fsdp4"])
+def test_put_batch_splits_rows_over_the_data_axes(layout):
+    ts = build(layout)
+    batch = make_batch(32)
+    placed = ts.put_batch(batch)
+    for got, want in zip(placed, jax.tree.leaves(batch), strict=True):
+        assert len(got.addressable_shards) == 8
+        for shard in got.addressable_shards:
+            assert shard.data.shape[0] == 4  # 32 rows over 8 data shards
+            np.testing.assert_array_equal(shard.data, want[shard.index])
+
+
+def test_put_batch_copies_the_host_batch():
+    # A loader may refill its numpy buffers as soon as `next()` returns; a placed
+    # (prefetched) batch must not change with them. On one CPU device,
+    # `jax.device_put` would alias the numpy buffer.
+    ts = tx.make_train_step(
+        cross_entropy_loss,
+        optax.sgd(0.1),
+        dp_plan(),
+        tx.make_mesh(jax.devices()[:1], data=1),
+    )
+    batch = make_batch(32)
+    expected = batch["x"].copy()
+    placed = ts.put_batch(batch)
+    batch["x"][:] = np.nan
+    np.testing.assert_array_equal(np.asarray(placed[0]), expected)
+
+
 # --- per-device RNG -----------------------------------------------------------------
 
 ROWS, FEATURES = 64, 32

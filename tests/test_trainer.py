@@ -282,13 +282,27 @@ def all_finite(tree):
 @pytest.mark.parametrize("log_every,stop", [(1, 3), (10, 6)])
 def test_nonfinite_raises_naming_the_step(log_every, stop):
     # Metrics are fetched at log steps only: the error comes at the first log step
-    # (or the end) after the bad step, with the state of that moment.
+    # (or the end) after the bad step, with the state of that moment, which under
+    # "raise" holds the bad update (no select on device: the fast path).
     t = trainer(log_every=log_every)
     with pytest.raises(tx.TrainerError, match="not finite at step 3") as e:
         t.fit(poisoned(step=3))
     assert f"state after step {stop}" in str(e.value)
-    assert t.state is not None and all_finite(t.state.model)
-    assert int(t.state.bad_steps) == 1 and int(t.state.step) == stop
+    assert "includes that step's non-finite update" in str(e.value)
+    assert t.state is not None and not all_finite(t.state.model)
+    assert int(t.state.bad_steps) == stop - 2 and int(t.state.step) == stop
+
+
+def test_nonfinite_never_reaches_a_checkpoint(tmp_path):
+    # Checkpoints every step, logs every 10: the save after the bad step 3 checks
+    # the counters first and raises; step 2 stays the latest checkpoint.
+    t = trainer(log_every=10, checkpoint=tx.OrbaxCheckpoint(tmp_path, every=1))
+    with pytest.raises(tx.TrainerError, match="not finite at step 3"):
+        t.fit(poisoned(step=3))
+    t.checkpoint.wait()
+    assert t.checkpoint.latest_step() == 2
+    restored = t.checkpoint.restore(t.state)
+    assert all_finite(restored.model) and int(restored.step) == 2
 
 
 def test_nonfinite_skip_goes_on():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ from .._axes import path_str
 from .._errors import TrainerError
 from .._plan import Plan
 
-__all__ = ["BatchSpec", "put_batch"]
+__all__ = ["BatchSpec", "place_leaves", "put_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ def check_batch_divides(
             )
 
 
-def put_batch(batch: Any, plan: Plan, mesh: Mesh) -> Any:
+def put_batch(batch: Any, plan: Plan, mesh: Mesh, *, accumulate: bool = True) -> Any:
     """Place a host batch as global arrays sharded over the plan's data axes.
 
     On many hosts each process passes its own slice of the global batch (its rows, in
@@ -103,32 +104,63 @@ def put_batch(batch: Any, plan: Plan, mesh: Mesh) -> Any:
 
     - `batch`: a PyTree of numpy (or jax) arrays with a leading batch dim.
     - `plan`, `mesh`: the layout; the leading dim is split over `plan.data_axes`.
+    - `accumulate`: also require the rows to split into `plan.accumulate_steps`
+        microbatches (a training batch); `False` for evaluation batches.
 
     **Returns:** the batch as sharded global `jax.Array`s.
 
     **Raises:** `TrainerError` if a leaf's leading dim does not split evenly.
     """
     if jax.process_count() == 1:
-        check_batch_divides(batch, plan, mesh)  # before any transfer
+        check_batch_divides(batch, plan, mesh, accumulate=accumulate)  # pre-transfer
     leaves, treedef = jax.tree.flatten(batch)
-    placed = [
-        _place(leaf, sharding)
-        for leaf, sharding in zip(
-            leaves, batch_shardings(leaves, plan, mesh), strict=True
-        )
-    ]
+    shardings = batch_shardings(leaves, plan, mesh)
+    if jax.process_count() == 1:
+        placed = place_leaves(leaves, shardings)
+    else:
+        placed = [
+            _global_array(leaf, sharding)
+            for leaf, sharding in zip(leaves, shardings, strict=True)
+        ]
     placed_batch = jax.tree.unflatten(treedef, placed)
     if jax.process_count() > 1:
-        check_batch_divides(placed_batch, plan, mesh)  # global shapes, still pre-step
+        # The global shapes, still before any step.
+        check_batch_divides(placed_batch, plan, mesh, accumulate=accumulate)
     return placed_batch
 
 
-def _place(leaf: Any, sharding: NamedSharding) -> jax.Array:
+def place_leaves(leaves: list[Any], shardings: list[NamedSharding]) -> list[jax.Array]:
+    """Place host arrays on this process's devices with the given shardings.
+
+    Numpy leaves go through a jitted identity with pinned in/out shardings: jit's
+    C++ dispatch copies and splits them, several times faster than `jax.device_put`
+    for small batches (benchmarks/RESULTS.md), and it copies the host memory, where
+    `jax.device_put` on CPU may alias it (a data loader reusing its numpy buffers
+    would then rewrite batches already placed). Other leaves use `jax.device_put`.
+    """
+    if all(type(x) is np.ndarray for x in leaves):
+        return _placer(tuple(shardings))(list(leaves))
+    return jax.device_put(list(leaves), list(shardings))
+
+
+def _global_array(leaf: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
-        return leaf
-    if jax.process_count() == 1:
-        return jax.device_put(leaf, sharding)
+        return leaf  # already a global array laid out as asked
     return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+
+@functools.lru_cache(maxsize=64)
+def _placer(shardings: tuple[NamedSharding, ...]) -> Any:
+    def _place_batch(leaves: list[jax.Array]) -> list[jax.Array]:
+        return leaves
+
+    # Donating the freshly transferred input lets the output reuse its buffers.
+    return jax.jit(
+        _place_batch,
+        in_shardings=(list(shardings),),
+        out_shardings=list(shardings),
+        donate_argnums=(0,),
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -31,6 +31,8 @@ from ._batch import (
     _leaf_paths,
     batch_shardings,
     check_batch_divides,
+    place_leaves,
+    put_batch,
     replicated,
 )
 from ._precision import Precision
@@ -157,8 +159,11 @@ class TrainStep:
         `model` is a `key -> Module` function), create the optimizer state with pinned
         shardings, and return the `TrainState`.
     - `step(state, batch) -> (state, metrics)`: one optimizer step. `batch` is a host
-        (numpy) PyTree or the output of `put_batch`. The old state is donated.
-    - `put_batch(batch)`: place a host batch over the data axes.
+        (numpy) PyTree, or the same PyTree of `jax.Array`s. The old state is donated.
+    - `put_batch(batch)`: place a host batch over the data axes; returns its flat
+        leaves, for `step_flat`.
+    - `step_flat(arrays, leaves)`: `step` on `flatten(state)` and the leaves from
+        `put_batch` or `step_batch` (no PyTree work on the host).
     - `evaluate(state, batch) -> metrics`: the loss and metrics without an update.
     - `lower(state, batch)`: the `jax.stages.Lowered` step, for HLO inspection.
     """
@@ -314,6 +319,28 @@ class TrainStep:
 
     def put_batch(self, batch: Any) -> list[jax.Array]:
         """Check a batch against the first one and place it; returns flat leaves."""
+        leaves = self._checked_leaves(batch)
+        if jax.process_count() == 1:
+            return place_leaves(leaves, self._batch_shardings)
+        return leaves
+
+    def step_batch(self, batch: Any) -> list[Any]:
+        """Check a batch against the first one; returns the flat leaves `step_flat`
+        takes. On one process, numpy leaves stay on the host: the jitted step's own
+        dispatch copies them to the devices (cheaper than a separate placement, and
+        still while the previous step runs, since dispatch is asynchronous).
+
+        Keep to one kind per run: jit keys its cache on whether inputs are already
+        placed, so alternating with `put_batch`'s placed leaves compiles twice."""
+        leaves = self._checked_leaves(batch)
+        if jax.process_count() == 1 and not all(type(x) is np.ndarray for x in leaves):
+            return place_leaves(leaves, self._batch_shardings)
+        return leaves
+
+    def _checked_leaves(self, batch: Any) -> list[Any]:
+        """The batch's leaves, checked against the first batch's structure (which
+        the first call records). On many hosts, the leaves are already the global
+        arrays built from each process's rows."""
         leaves, treedef = jax.tree.flatten(batch)
         first = self._batch_spec is None
         if self._batch_spec is None:
@@ -330,7 +357,7 @@ class TrainStep:
         else:
             self._batch_spec.check(treedef, leaves)
         if jax.process_count() == 1:
-            return jax.device_put(leaves, self._batch_shardings)  # one transfer call
+            return leaves
         placed = [
             jax.make_array_from_process_local_data(s, np.asarray(x))
             for x, s in zip(leaves, self._batch_shardings, strict=True)
@@ -364,19 +391,24 @@ class TrainStep:
 
     def _build(self, arrays: list[jax.Array], batch: list[jax.Array]) -> None:
         self._check_loss(arrays, batch)
-        batch_sh = [x.sharding for x in batch]
         rep = replicated(self.mesh)
         self._jitted = jax.jit(
             self._train_step,
-            in_shardings=(self._state_shardings, batch_sh),
+            in_shardings=(self._state_shardings, self._batch_shardings),
             out_shardings=(self._state_shardings, rep),
             donate_argnums=(0,) if self._donate else (),
         )
 
+    @property
+    def compiles_next_step(self) -> bool:
+        """Whether the next `step` builds and compiles the step function."""
+        return self._jitted is None
+
     def step_flat(
         self, arrays: list[jax.Array], batch: list[jax.Array]
     ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-        """`step` on the flat representation (no PyTree work on the host)."""
+        """`step` on `flatten(state)` and the leaves from `step_batch` or
+        `put_batch` (no PyTree work on the host)."""
         if self._jitted is None:
             self._build(arrays, batch)
         jitted: Any = self._jitted
@@ -385,8 +417,7 @@ class TrainStep:
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """One optimizer step; returns the new state and on-device metrics."""
         arrays = self.flatten(state)
-        placed = self.put_batch(batch)
-        new_arrays, metrics = self.step_flat(arrays, placed)
+        new_arrays, metrics = self.step_flat(arrays, self.step_batch(batch))
         return self.unflatten(new_arrays), metrics
 
     __call__ = step
@@ -539,6 +570,11 @@ class TrainStep:
         grads, loss, metrics = jax.tree.map(lambda x: jnp.mean(x, 0), per_shard)
         return grads, loss, metrics
 
+    @property
+    def _guarded(self) -> bool:
+        """Whether a non-finite step is skipped on device (see `on_nonfinite`)."""
+        return self.on_nonfinite == "skip" or self.precision.dynamic_loss_scale
+
     def _train_step(
         self, arrays: list[jax.Array], batch_leaves: list[jax.Array]
     ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
@@ -557,13 +593,16 @@ class TrainStep:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
-        # A non-finite step changes nothing but the counters (and fp16's scale), so
-        # the state is never poisoned: the trainer raises or goes on from here.
-        keep = lambda new, old: jax.tree.map(  # noqa: E731
-            lambda a, b: jnp.where(finite, a, b), new, old
-        )
-        new_trainable = keep(new_trainable, trainable)
-        opt_state = keep(opt_state, state.opt_state)
+        if self._guarded:
+            # A skipped step changes nothing but the counters (and fp16's scale). The
+            # select costs a pass over the parameters and optimizer state (and XLA
+            # copies the donated moments), so "raise" without loss scaling goes
+            # without it: the Trainer stops at the next log step or checkpoint.
+            keep = lambda new, old: jax.tree.map(  # noqa: E731
+                lambda a, b: jnp.where(finite, a, b), new, old
+            )
+            new_trainable = keep(new_trainable, trainable)
+            opt_state = keep(opt_state, state.opt_state)
         # Under loss scaling, overflowing gradients with a finite loss are the
         # scaler's ordinary work (it halves the scale); only a bad loss is "bad".
         bad = ~finite if scale is None else ~jnp.isfinite(loss)
@@ -596,9 +635,11 @@ class TrainStep:
     def put_eval_batch(self, batch: Any) -> Any:
         """Place an evaluation batch: any leading size the data axes divide (its
         shape need not match the training batches'; each new shape compiles once)."""
+        if jax.process_count() > 1:  # process-local rows: checks the global batch
+            return put_batch(batch, self.plan, self.mesh, accumulate=False)
         check_batch_divides(batch, self.plan, self.mesh, accumulate=False)
         leaves, treedef = jax.tree.flatten(batch)
-        placed = jax.device_put(leaves, batch_shardings(leaves, self.plan, self.mesh))
+        placed = place_leaves(leaves, batch_shardings(leaves, self.plan, self.mesh))
         return jax.tree.unflatten(treedef, placed)
 
     def evaluate(self, state: TrainState, batch: Any) -> dict[str, jax.Array]:
@@ -648,9 +689,14 @@ def make_train_step(
     - `trainable`: which arrays train: `None` (all), an Equinox filter spec, or
         `(path, leaf) -> bool`. Frozen arrays get no gradient and no optimizer state.
     - `precision`: a `tx.Precision` (default fp32).
-    - `on_nonfinite`: a step whose loss or gradient norm is not finite is always
-        skipped (the state is kept); `"raise"` lets `tx.Trainer` raise at the next
-        log step naming it, `"skip"` goes on. The counts are in the state.
+    - `on_nonfinite`: what a step whose loss or gradient norm is not finite does.
+        The state always counts such steps (`bad_steps`, `first_bad_step`).
+        `"raise"` (default): the step applies as computed (no extra device work) and
+        `tx.Trainer` raises at the next log step or checkpoint, naming it; it never
+        saves a checkpoint after it. `"skip"`: the step changes nothing but the
+        counters (a select over parameters and optimizer state, about one extra
+        pass over them per step) and training goes on. With fp16 loss scaling,
+        non-finite steps are always skipped (the scaler lowers the scale).
     - `donate`: donate the old state's buffers to the new one (default True).
     - `mode`: `"jit"` (default): the loss sees the global batch and XLA partitions
         it. `"spmd"`: the loss runs per device on its shard of the batch (inside

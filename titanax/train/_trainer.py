@@ -1,8 +1,9 @@
 """`tx.Trainer`: a thin loop over `make_train_step`.
 
 The loop never blocks the host on a step: the step is dispatched asynchronously, the
-next batch is placed on the devices while it runs, and metrics are fetched only at
-log steps.
+next batch is read and checked while it runs and copied to the devices by the next
+dispatch (so, in the steady state, also while it runs), and metrics are fetched only
+at log steps.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ class Trainer:
     - `seed`: the run's PRNG seed (model init and step keys).
     - `continue_on_error`: `False` re-raises a failing step as `TrainerError` naming
         the step; `True` warns and goes on with the next batch.
-    - `on_nonfinite`: `"raise"` (default) raises `TrainerError` naming the first step
-        whose loss or gradients were not finite (that step was skipped, the state is
-        clean); `"skip"` goes on.
+    - `on_nonfinite`: `"raise"` (default) raises `TrainerError` at the next log step
+        or checkpoint, naming the first step whose loss or gradients were not finite;
+        no checkpoint is saved after it (`trainer.state` holds its non-finite update:
+        resume from the last checkpoint). `"skip"` skips such steps on device (the
+        state is kept, at the cost of a select per step) and goes on.
     - `hooks`: callables `hook(step, metrics, trainer)` run at each log step, with
         `trainer.state` current (so a hook may call `trainer.evaluate(...)`).
     - `tokens_per_sample`, `flops_per_step`: for the meter's tokens/s and MFU.
@@ -192,27 +195,31 @@ class Trainer:
         # further `fit` on the same trainer starts at the new data's beginning.
         skip = int(jax.device_get(state.data_position)) if resume else 0
         stream = _stream(data, epochs, skip=skip)
-        meter = None
         metrics: dict[str, Any] = {}
         done = 0
-        last_logged = step
-        timer = time.perf_counter()
+        meter: Meter | None = None
+        timer, last_logged = time.perf_counter(), step
         guard = PreemptionGuard() if self.checkpoint is not None else None
         try:
             if guard is not None:
                 guard.__enter__()
-            batch = _next_placed(stream, train)
+            batch = _next_batch(stream, train)
             rows = batch[0].shape[0] if batch else 0  # global, on any host count
+            # A first step that compiles is left out of the meter's timing.
+            if not train.compiles_next_step:
+                meter = self._meter(batch_size=rows)
+                timer = time.perf_counter()
             while batch is not None and (steps is None or done < steps):
                 arrays, metrics, ok = self._run_step(arrays, batch, step)
                 if ok:
                     step += 1
                     done += 1
-                batch = _next_placed(stream, train)  # overlaps the running step
+                # Checked now, while the step runs; its transfer is part of the
+                # next (asynchronous) dispatch.
+                batch = _next_batch(stream, train)
                 if not ok:
                     continue
                 if meter is None:
-                    # Time from the end of the first (compiling) step.
                     jax.block_until_ready(metrics)
                     meter = self._meter(batch_size=rows)
                     timer, last_logged = time.perf_counter(), step
@@ -311,17 +318,29 @@ class Trainer:
             return
         state = self.train_step.unflatten(arrays)
         first_bad = int(jax.device_get(state.first_bad_step))
-        if first_bad >= 0:
-            self.state = state
-            raise TrainerError(
-                f"The loss or gradients were not finite at step {first_bad + 1}; that "
-                "step was skipped (no non-finite value reached the state), and "
-                f"`trainer.state` is the state after step {int(state.step)}.",
-                suggestion=(
-                    "Lower the learning rate, check the data near that step, use "
-                    "`precision=tx.Precision.fp32()`, or pass `on_nonfinite='skip'`."
-                ),
-            )
+        if first_bad < 0:
+            return
+        self.state = state
+        if self.train_step._guarded:  # fp16: the scaler skipped it
+            kept = "that step was skipped (no non-finite value reached the state)"
+        else:
+            kept = "the state includes that step's non-finite update"
+        raise TrainerError(
+            f"The loss or gradients were not finite at step {first_bad + 1}; {kept}. "
+            f"`trainer.state` is the state after step {int(state.step)}; no "
+            "checkpoint was saved after the bad step.",
+            suggestion=(
+                "Resume from the last checkpoint with a lower learning rate, check the "
+                "data near that step, use `precision=tx.Precision.fp32()`, or pass "
+                "`on_nonfinite='skip'` to skip such steps on device."
+            ),
+        )
+
+    def _reached_by_bad_step(self, arrays: list[jax.Array]) -> bool:
+        if self.on_nonfinite != "raise" or self.train_step._guarded:
+            return False
+        state = self.train_step.unflatten(arrays)
+        return int(jax.device_get(state.first_bad_step)) >= 0
 
     def _log_header(self) -> None:
         if self._header_done or not self.loggers:
@@ -361,6 +380,7 @@ class Trainer:
 
     def _maybe_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
         if self.checkpoint is not None and self.checkpoint.should_save(step):
+            self._check_nonfinite(arrays)  # never save a state a bad step reached
             self.checkpoint.save(
                 self.train_step.unflatten(arrays),
                 step=step,
@@ -375,6 +395,13 @@ class Trainer:
             # Interrupted after its state was donated: the last save stays latest.
             warnings.warn(
                 f"Step {step}'s state was donated when training stopped; not saving "
+                "it. The latest checkpoint is intact.",
+                stacklevel=3,
+            )
+            return
+        if self._reached_by_bad_step(arrays):
+            warnings.warn(
+                f"A non-finite step reached the state before step {step}; not saving "
                 "it. The latest checkpoint is intact.",
                 stacklevel=3,
             )
@@ -456,8 +483,9 @@ def _stream(data: Iterable[Any], epochs: int | None, skip: int) -> Iterator[Any]
             return  # empty, or a one-shot iterator that cannot be replayed
 
 
-def _next_placed(stream: Iterator[Any], train: TrainStep) -> list[jax.Array] | None:
+def _next_batch(stream: Iterator[Any], train: TrainStep) -> list[Any] | None:
+    """The next batch's leaves for `step_flat`, or None at the end of the data."""
     try:
-        return train.put_batch(next(stream))
+        return train.step_batch(next(stream))
     except StopIteration:
         return None

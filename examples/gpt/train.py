@@ -1,12 +1,19 @@
-"""Train a byte-level GPT (models/gpt.py) with DP, FSDP and Megatron TP.
+"""Train a byte-level GPT (models/gpt.py) with DP, FSDP, Megatron TP and pipelines.
 
-The mesh is `data` (DP or FSDP) x `model` (TP), sized from `--dp/--fsdp/--tp`, on
-that many simulated CPU devices (set `JAX_PLATFORMS` to use an accelerator); the plan
-comes from `models/gpt_plans.py`. Every `--eval-every` steps it prints the train and
-validation loss (`trainer.evaluate` on fixed batches), and at the end a sample.
+The mesh is `data` (DP or FSDP) x `model` (TP) x `pipe` (PP), sized from
+`--dp/--fsdp/--tp/--pp`, on that many simulated CPU devices (set `JAX_PLATFORMS` to
+use an accelerator); the plan and, with `--pp`, the pipeline stage come from
+`models/gpt_plans.py`. Every `--eval-every` steps it prints the train and validation
+loss (`trainer.evaluate` on fixed batches), and at the end a sample.
 
     python examples/gpt/train.py --dp 2 --tp 4                 # 8 devices, ~2 min
+    python examples/gpt/train.py --dp 2 --tp 2 --pp 2 --schedule 1f1b --batch 16
     python examples/gpt/train.py --text ../shared/data/tinyshakespeare.txt --tp 2
+
+With `--pp S` the model's blocks are split into S stages of `n_layer / S` blocks
+along `pipe`, and each step runs `--microbatches` microbatches (default 2 S) through
+them under `--schedule` (`1f1b` or `gpipe`); the global `--batch` must be a multiple
+of the data size times the microbatches.
 
 Without `--text` the corpus is the Python standard library's own source code (about
 1 MB of the `.py` files next to `os.py`, in sorted order), which every machine that
@@ -98,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp", type=int, default=1, help="data-parallel size")
     p.add_argument("--fsdp", type=int, default=1, help="FSDP size (instead of DP)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (pipe axis)")
+    p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
+    p.add_argument("--microbatches", type=int, default=None, help="default: 2 * pp")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=12, help="global batch")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
@@ -110,16 +120,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dp > 1 and args.fsdp > 1:
         p.error("use --dp or --fsdp (they share the `data` axis), not both")
+    if args.pp > 1 and args.fsdp > 1:
+        p.error("--pp does not compose with --fsdp yet; use --dp with --pp")
+    if args.pp <= 1 and args.microbatches is not None:
+        p.error("--microbatches needs a pipeline: add --pp 2 (or more)")
+    if args.pp > 1 and args.microbatches is None:
+        args.microbatches = 2 * args.pp
     shards = args.dp * args.fsdp
-    if args.batch % shards:
-        p.error(f"--batch {args.batch} must be a multiple of the data size {shards}")
+    rows = shards * (args.microbatches or 1)
+    if args.batch % rows:
+        what = f"data size {shards}"
+        if args.pp > 1:
+            what += f" x {args.microbatches} microbatches"
+        p.error(f"--batch {args.batch} must be a multiple of the {what} = {rows}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     start = time.perf_counter()
-    n_devices = args.dp * args.fsdp * args.tp
+    n_devices = args.dp * args.fsdp * args.tp * args.pp
     tx.simulate_cpu_devices(max(n_devices, 1))  # before JAX computes anything
 
     data, source = load_text(args.text)
@@ -133,10 +153,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = GPTConfig.preset(args.preset, **overrides)
     block = args.block or config.block_size
 
-    mesh = tx.make_mesh(
-        jax.devices()[:n_devices], data=args.dp * args.fsdp, model=args.tp
+    axes = {"data": args.dp * args.fsdp, "model": args.tp}
+    if args.pp > 1:
+        axes["pipe"] = args.pp
+    mesh = tx.make_mesh(jax.devices()[:n_devices], **axes)
+    plan = gpt_plans.plan_for(
+        dp_size=args.dp,
+        tp_size=args.tp,
+        fsdp_size=args.fsdp,
+        pp_size=args.pp,
+        microbatches=args.microbatches,
+        schedule=args.schedule,
     )
-    plan = gpt_plans.plan_for(dp_size=args.dp, tp_size=args.tp, fsdp_size=args.fsdp)
+    # With a pipeline, the step runs the GPT as stages (embedding, blocks split over
+    # `pipe`, head and loss); `gpt_loss` is then what `trainer.evaluate` computes.
+    stage = gpt_plans.stage() if args.pp > 1 else None
     warmup = args.warmup if args.warmup is not None else max(args.steps // 10, 1)
     trainer = tx.Trainer(
         lambda key: GPT(config, key=key),  # created directly sharded
@@ -157,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         seed=args.seed,
         tokens_per_sample=block,
         flops_per_step=flops_per_token(config, block) * args.batch * block,
+        stage=stage,
     )
     train = RandomWindows(train_data, args.batch, block, seed=args.seed)
     # Fixed evaluation batches, the same at every evaluation.

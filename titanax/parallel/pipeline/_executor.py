@@ -502,4 +502,13 @@ def pipeline_value_and_grad(
     args = (rest_diff, rest_fixed, block_diff, block_fixed, batch)
     loss, metrics, g_rest, g_block = mapped(*args, *((key,) if with_key else ()))
     grads = stage.merge(g_rest, g_block)
+    # Axes other than `pipe` and the data axes (e.g. TP's `model`) are automatic in
+    # the `shard_map`, and its replicated out_spec leaves the boundary parameters'
+    # gradients replicated over them: put every gradient where its parameter is.
+    grads = jax.tree.map(
+        lambda g, s: g if g is None else jax.lax.with_sharding_constraint(g, s),
+        grads,
+        plan.shardings(model, mesh),
+        is_leaf=lambda x: x is None,
+    )
     return loss, metrics, grads

@@ -3,8 +3,9 @@
 8 simulated CPU devices form a `data=4 x pipe=2` mesh: each stage holds 4 of the 8
 layers, each data shard a quarter of the batch. A step runs the 1F1B schedule printed
 below (per tick, per stage: forward `F`/backward `B` of a microbatch, `.` idle) with
-activations and cotangents moved between the stages by `ppermute`, then one gradient
-mean over `data`. Four SGD steps; the loss goes down.
+activations and cotangents moved between the stages by `ppermute` (one per tick,
+carrying only that tick's real transfers), then one gradient mean over `data`.
+Four SGD steps; the loss goes down.
 
 Run it with `python examples/pp_minimal_two_stage.py` (a few seconds).
 """
@@ -30,6 +31,7 @@ from titanax.parallel.pipeline import (  # noqa: E402
     Stage,
     pipeline_schedule,
     pipeline_value_and_grad,
+    send_patterns,
 )
 
 LAYERS, WIDTH, BATCH, MICROBATCHES, LR = 8, 32, 64, 4, 0.05
@@ -92,8 +94,13 @@ def sgd_step(model, batch):
 
 hlo = sgd_step.lower(model, batch).compile().as_text()
 for c in collectives(hlo, mesh):
-    where = "per tick" if c.in_loop else "once"
+    where = "in the tick loop" if c.in_loop else "once"
     print(f"  {c.kind:<18} over {','.join(c.axes):<5} {c.bytes:>6} B  {where}")
+# Each tick runs the one permute whose pairs are that tick's real transfers.
+per_tick, patterns = send_patterns(schedule)
+sends = [" ".join(f"{a}>{b}" for a, b in patterns[i]) or "-" for i in per_tick]
+print("stage>stage sends per tick: " + " | ".join(sends))
+assert sum(len(patterns[i]) for i in per_tick) == 2 * MICROBATCHES  # 2 M (S - 1)
 
 losses = []
 for step in range(4):

@@ -214,3 +214,42 @@ def test_gpt_example_checks_pipeline_arguments(capsys):
         with pytest.raises(SystemExit):
             example.parse_args(argv)
         assert message in capsys.readouterr().err, argv
+
+
+# --- the small single-file examples ---------------------------------------------------
+
+
+def test_minimal_sharding():
+    out = _run(str(EXAMPLES / "minimal_sharding.py"))
+    assert "matches the single-device forward: OK" in out
+    assert re.search(r"forward: x \(16, 128\) P\('data', None\)", out), out
+
+
+def test_tp_minimal_mlp():
+    out = _run(str(EXAMPLES / "tp_minimal_mlp.py"))
+    losses = [float(v) for v in re.search(r"loss per step: (.*)", out)[1].split()]
+    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0], losses
+    assert "all-reduce', ('model',)" in out  # the Megatron pair's one reduction
+
+
+def test_spmd_dp_matches_jit():
+    out = _run(str(EXAMPLES / "spmd_dp.py"))
+    pairs = re.findall(r"spmd loss ([\d.]+)\s+jit loss ([\d.]+)", out)
+    assert len(pairs) == 10
+    assert all(a == b for a, b in pairs), pairs
+    assert float(pairs[-1][0]) < float(pairs[0][0])
+    diff = float(re.search(r"max parameter difference after \d+ steps: (\S+)", out)[1])
+    assert diff <= 1e-6
+
+
+def test_pp_minimal_two_stage():
+    out = _run(str(EXAMPLES / "pp_minimal_two_stage.py"))
+    assert "stage 0 | F0 F1 .  B0 F2 B1 F3 B2 .  B3" in out
+    # One permute per tick with only its real transfers: 2 M (S - 1) = 8 a step.
+    sends = re.search(r"stage>stage sends per tick: (.*)", out)[1].split(" | ")
+    assert len(sends) == 10
+    assert sum(len(s.split()) for s in sends if s != "-") == 8
+    permutes = re.findall(r"collective-permute over pipe\s+(\d+) B  in the tick", out)
+    assert permutes and set(permutes) == {"512"}  # 4 rows x 32 fp32
+    losses = [float(v) for v in re.findall(r"^step \d: loss ([\d.]+)", out, re.M)]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], losses

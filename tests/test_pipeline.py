@@ -23,6 +23,7 @@ from titanax.parallel.pipeline import (
     pipeline_schedule,
     pipeline_value_and_grad,
     ring_sizes,
+    send_patterns,
 )
 
 RTOL = 1e-5
@@ -177,9 +178,13 @@ def test_hlo_boundary_permutes_and_one_dp_reduction(schedule):
     compiled, mesh = _compiled(schedule, 4, data=4)
     found = collectives(compiled.as_text(), mesh)
     permutes = [c for c in found if c.kind == "collective-permute"]
-    # One forward (activations) and one backward (cotangents) permute per tick, of
-    # one microbatch's boundary activations (4 rows x 64 fp32), over `pipe` only.
-    assert len(permutes) == 2, permutes
+    # One permute op per distinct send pattern of a tick (each tick runs one), of
+    # one microbatch's boundary activations (4 rows x 32 fp32), over `pipe` only.
+    # S=2, M=4. 1F1B: stage 0 -> 1, 1 -> 0, or both at once. GPipe: 0 -> 1 in the
+    # forward ticks that carry a microbatch, and its transpose in the backward.
+    _, patterns = send_patterns(pipeline_schedule("1f1b", 2, 4))
+    want = sum(1 for p in patterns if p) if schedule == "1f1b" else 2
+    assert len(permutes) == want == (3 if schedule == "1f1b" else 2), permutes
     assert all(c.in_loop and c.axes == ("pipe",) for c in permutes)
     assert all(c.bytes == 4 * 32 * 4 for c in permutes)
     data_reductions = [c for c in found if "data" in c.axes]

@@ -3,7 +3,7 @@
 import pytest
 
 from titanax._errors import PipelineError
-from titanax.parallel.pipeline import Action, pipeline_schedule
+from titanax.parallel.pipeline import Action, pipeline_schedule, send_patterns
 
 CASES = [(s, m) for s in (1, 2, 3, 4) for m in (s, s + 1, 2 * s, 4 * s)]
 
@@ -52,6 +52,22 @@ def test_1f1b_in_flight_bounded_by_stages(stages, microbatches):
 def test_gpipe_keeps_every_microbatch_in_flight(stages, microbatches):
     schedule = pipeline_schedule("gpipe", stages, microbatches)
     assert schedule.max_in_flight(0) == microbatches
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,microbatches", [*CASES, (8, 8), (8, 32)])
+def test_one_permute_per_tick_moves_only_real_transfers(kind, stages, microbatches):
+    # Each microbatch crosses each of the S - 1 boundaries once forward and once
+    # backward: 2 M (S - 1) transfers a step, none in the bubble, and no tick sends
+    # two buffers from or to one stage (`send_patterns` checks the latter).
+    schedule = pipeline_schedule(kind, stages, microbatches)
+    per_tick, patterns = send_patterns(schedule)
+    assert len(per_tick) == schedule.num_ticks
+    transfers = [pair for t in per_tick for pair in patterns[t]]
+    assert len(transfers) == 2 * microbatches * (stages - 1)
+    for pairs in patterns:
+        assert len({src for src, _ in pairs}) == len(pairs)
+        assert all(abs(src - dst) == 1 for src, dst in pairs)
 
 
 def test_1f1b_two_stages_four_microbatches_table():

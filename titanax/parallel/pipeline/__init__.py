@@ -9,6 +9,7 @@
 
 from ._executor import pipeline_value_and_grad as pipeline_value_and_grad
 from ._executor import ring_sizes as ring_sizes
+from ._executor import send_patterns as send_patterns
 from ._schedule import Action as Action
 from ._schedule import Schedule as Schedule
 from ._schedule import pipeline_schedule as pipeline_schedule

@@ -4,7 +4,9 @@ Both run inside one `jax.shard_map` that is manual over the `pipe` axis and the
 plan's data axes (other axes, e.g. TP's `model`, stay automatic). Each device holds
 its stage's `L / S` layers and its data shard of the batch, split into `M`
 microbatches. Activations move forward and cotangents backward with `ppermute`
-between neighbouring stages only, once per tick, outside any branch.
+between neighbouring stages only: one collective-permute per tick, whose pair list
+holds exactly that tick's real transfers (`send_patterns`), so a step moves each
+microbatch across each boundary once each way and nothing in the bubble.
 
 Gradients are taken *inside* the body with `check_vma=False`, so every gradient is
 local and every reduction is explicit: the boundary parameters (`pre`/`post`, which
@@ -38,7 +40,7 @@ from ..._plan import Plan
 from ._schedule import Schedule, pipeline_schedule
 from ._stage import Stage
 
-__all__ = ["pipeline_value_and_grad", "ring_sizes"]
+__all__ = ["pipeline_value_and_grad", "ring_sizes", "send_patterns"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +205,56 @@ class _Local:
         return _loss_output(out)
 
 
-def _forward_perm(stages: int) -> list[tuple[int, int]]:
-    return [(i, i + 1) for i in range(stages - 1)]
+Pairs = tuple[tuple[int, int], ...]
 
 
-def _backward_perm(stages: int) -> list[tuple[int, int]]:
-    return [(i + 1, i) for i in range(stages - 1)]
+def send_patterns(schedule: Schedule) -> tuple[list[int], list[Pairs]]:
+    """The real boundary transfers of each tick of `schedule`, as one permute each.
+
+    A stage sends at most one buffer per tick: its output after an `F` (to `s + 1`,
+    unless it is the last stage) or its input's cotangent after a `B` (to `s − 1`,
+    unless it is the first), and the schedules never make a stage receive two. So a
+    tick's transfers are one collective-permute, with a pair list fixed by the tick.
+
+    **Returns:** per tick, the index of its pair list; the distinct pair lists.
+    """
+    S = schedule.stages
+    index: dict[Pairs, int] = {}
+    per_tick: list[int] = []
+    for t, row in enumerate(schedule.ticks):
+        pairs = []
+        for s, action in enumerate(row):
+            if action is not None and action.kind == "F" and s < S - 1:
+                pairs.append((s, s + 1))
+            elif action is not None and action.kind == "B" and s > 0:
+                pairs.append((s, s - 1))
+        if len({dst for _, dst in pairs}) != len(pairs):
+            raise PipelineError(
+                f"Tick {t} of the {schedule.kind} schedule (S={S}, "
+                f"M={schedule.microbatches}) sends two buffers to one stage: {pairs}.",
+                suggestion="This is a Titanax bug; please report the schedule.",
+            )
+        per_tick.append(index.setdefault(tuple(pairs), len(index)))
+    return per_tick, list(index)
+
+
+def _permute_by_pattern(
+    x: Any, pattern: jax.Array, patterns: list[Pairs], axis: str
+) -> Any:
+    """`ppermute` of `x` with the pair list `patterns[pattern]`.
+
+    `pattern` comes from the tick, so it is the same on every device: all of them
+    take the same branch and run its collective together (unlike the per-stage
+    branches, which must not hold collectives)."""
+
+    def branch(pairs: Pairs) -> Callable[[Any], Any]:
+        if not pairs:
+            return lambda v: jax.tree.map(jnp.zeros_like, v)
+        return lambda v: jax.lax.ppermute(v, axis, list(pairs))
+
+    if len(patterns) == 1:
+        return branch(patterns[0])(x)
+    return jax.lax.switch(pattern, [branch(p) for p in patterns], x)
 
 
 def _gpipe(local: _Local, rest_diff: Any, block_diff: Any) -> Any:
@@ -218,6 +264,10 @@ def _gpipe(local: _Local, rest_diff: Any, block_diff: Any) -> Any:
     is_first, is_last = s == 0, s == S - 1
     h_shape = jax.eval_shape(local.pre, rest_diff, 0)
     out_shape = jax.eval_shape(lambda r: local.post(r, _zeros(h_shape), 0), rest_diff)
+    # Forward tick t: stage s runs microbatch t − s and sends it on if it is real
+    # (the bubble ticks send nothing); autodiff reverses the same permutes.
+    per_tick, patterns = _gpipe_patterns(S, M)
+    pattern_j = jnp.asarray(per_tick, jnp.int32)
 
     def objective(rest_diff: Any, block_diff: Any) -> Any:
         def tick(recv: Any, t: jax.Array) -> Any:
@@ -233,7 +283,7 @@ def _gpipe(local: _Local, rest_diff: Any, block_diff: Any) -> Any:
                 lambda: local.post(rest_diff, h_out, jnp.maximum(m_out, 0)),
                 lambda: _zeros(out_shape),
             )
-            send = jax.lax.ppermute(h_out, setup.axis, _forward_perm(S))
+            send = _permute_by_pattern(h_out, pattern_j[t], patterns, setup.axis)
             return send, (loss, metrics)
 
         _, (losses, metrics) = jax.lax.scan(
@@ -247,6 +297,19 @@ def _gpipe(local: _Local, rest_diff: Any, block_diff: Any) -> Any:
         objective, argnums=(0, 1), has_aux=True
     )(rest_diff, block_diff)
     return loss, metrics, g_rest, g_block
+
+
+def _gpipe_patterns(stages: int, microbatches: int) -> tuple[list[int], list[Pairs]]:
+    """`send_patterns` of GPipe's forward ticks (`M + S − 1` of them): stage `s`
+    sends at tick `t` if `t − s` is a microbatch (its transposes run backward)."""
+    index: dict[Pairs, int] = {}
+    per_tick = []
+    for t in range(microbatches + stages - 1):
+        pairs = tuple(
+            (s, s + 1) for s in range(stages - 1) if 0 <= t - s < microbatches
+        )
+        per_tick.append(index.setdefault(pairs, len(index)))
+    return per_tick, list(index)
 
 
 def ring_sizes(schedule: Schedule) -> tuple[int, int]:
@@ -295,6 +358,8 @@ def _one_f_one_b(local: _Local, rest_diff: Any, block_diff: Any, scale: Any) -> 
                 kinds[t, st + 1] = 1 if action.kind == "F" else 2
                 micro[t, st + 1] = action.microbatch
     kinds_j, micro_j = jnp.asarray(kinds), jnp.asarray(micro)
+    per_tick, patterns = send_patterns(schedule)
+    pattern_j = jnp.asarray(per_tick, jnp.int32)
     h_shape = jax.eval_shape(local.pre, rest_diff, 0)
     out_shape = jax.eval_shape(lambda r: local.post(r, _zeros(h_shape), 0), rest_diff)
     seed = jnp.asarray(1.0 if scale is None else scale, jnp.float32) / M
@@ -377,12 +442,13 @@ def _one_f_one_b(local: _Local, rest_diff: Any, block_diff: Any, scale: Any) -> 
         g = _index(cots, m % k_cot)
         out = jax.lax.switch(branch_of[position, kind], branches, m, x, g)
         send_h, send_g, d_rest, d_block, loss_out = out
-        # Collectives outside the branches: every device runs both, every tick.
-        recv_h = jax.lax.ppermute(send_h, setup.axis, _forward_perm(S))
-        recv_g = jax.lax.ppermute(send_g, setup.axis, _backward_perm(S))
+        # One permute per tick, outside the per-stage branches, carrying each
+        # stage's one real transfer: an activation after F, a cotangent after B.
+        send = jax.tree.map(lambda a, c: jnp.where(kind == 1, a, c), send_h, send_g)
+        recv = _permute_by_pattern(send, pattern_j[t], patterns, setup.axis)
         prev_m, next_m = micro_j[t, s], micro_j[t, s + 2]
-        acts = write(acts, prev_m % k_act, recv_h, kinds_j[t, s] == 1)
-        cots = write(cots, next_m % k_cot, recv_g, kinds_j[t, s + 2] == 2)
+        acts = write(acts, prev_m % k_act, recv, kinds_j[t, s] == 1)
+        cots = write(cots, next_m % k_cot, recv, kinds_j[t, s + 2] == 2)
         carry = (
             acts,
             cots,

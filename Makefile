@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO ?= examples/gpt/train.py --dp 2 --tp 4 --steps 600
 PYTEST_ARGS ?=
-BENCH ?= benchmarks/overhead.py benchmarks/gpt.py benchmarks/checkpoint.py
+BENCH ?= benchmarks/overhead.py benchmarks/gpt.py benchmarks/checkpoint.py benchmarks/pipeline.py
 LINT_PATHS := $(wildcard titanax models examples tests benchmarks)
 
 .DEFAULT_GOAL := help

@@ -161,7 +161,7 @@ def measure(case, rounds, steps):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--gpt-steps", type=int, default=15)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices: {jax.devices()}")

@@ -8,6 +8,7 @@ and what runs before and after them. The model file never mentions a mesh.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import titanax as tx
@@ -78,7 +79,7 @@ def pp(
     return tx.Plan(pp=tx.PP(axis, microbatches=m, schedule=schedule))
 
 
-def stage(*, remat: bool = False) -> tx.Stage:
+def stage(*, remat: bool | Callable[..., bool] = False) -> tx.Stage:
     """The GPT's pipeline stage: the stacked `blocks`, the embedding before them
     (stage 0) and the final LayerNorm, head and loss after them (the last stage).
 
@@ -89,8 +90,8 @@ def stage(*, remat: bool = False) -> tx.Stage:
 
     **Arguments:**
 
-    - `remat`: recompute each block's activations in the backward pass (GPipe; 1F1B
-        always recomputes a stage's forward).
+    - `remat`: `tx.Stage`'s rematerialisation policy per block: `False`, `True`
+        (recompute each block), or a `jax.checkpoint_policies` policy.
 
     **Returns:** a `tx.Stage`, to pass as `tx.Trainer(..., stage=...)` or
     `tx.make_train_step(..., stage=...)` with a plan that has `pp`.

@@ -233,3 +233,37 @@ def test_bad_input():
         pipeline_value_and_grad(
             TOY_STAGE, model, batch, None, plan=Plan(dp=DP("pipe")), mesh=mesh
         )
+
+
+REMAT = {
+    "none": False,
+    "full": True,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def test_remat_policies_keep_gradients_and_cut_gpipe_memory():
+    model = Toy(jax.random.key(0), n_layers=8, width=32)
+    batch = _toy_batch(64)
+    plan, mesh = _plan("gpipe", 8), _mesh(2)
+    placed = shard(model, plan, mesh)
+    grads, temp = {}, {}
+    for name, remat in REMAT.items():
+        stage = Stage(where=TOY_STAGE.where, pre=TOY_STAGE.pre, post=_post, remat=remat)
+
+        def run(m, b, stage=stage):
+            return pipeline_value_and_grad(stage, m, b, None, plan=plan, mesh=mesh)
+
+        compiled = jax.jit(run).lower(placed, batch).compile()
+        temp[name] = compiled.memory_analysis().temp_size_in_bytes
+        grads[name] = compiled(placed, batch)[2]
+    for name in ("full", "dots_saveable"):
+        _assert_close(grads[name], grads["none"])
+    # Full remat keeps one input per layer instead of its hidden activations.
+    assert temp["full"] < 0.8 * temp["none"], temp
+    assert temp["full"] <= temp["dots_saveable"] <= temp["none"], temp
+
+
+def test_remat_must_be_a_bool_or_a_policy():
+    with pytest.raises(PipelineError, match="remat"):
+        Stage(where=TOY_STAGE.where, pre=TOY_STAGE.pre, post=_post, remat="yes")

@@ -42,9 +42,13 @@ class Stage(eqx.Module):
         boundary after the stack: head and loss, a scalar mean over the microbatch.
     - `layer_fn`: `(layer, h, key) -> h`, one layer (the stacked block without its
         `layers` dim). Default: `layer(h, key=key)`.
-    - `remat`: recompute each layer's activations in the backward pass
-        (`jax.checkpoint`) instead of keeping them. Affects GPipe; 1F1B always
-        recomputes a stage's forward in its backward (it stashes stage inputs only).
+    - `remat`: the rematerialisation policy of each layer in the backward pass.
+        `False` keeps every activation; `True` recomputes the layer
+        (`jax.checkpoint`), keeping only its input; a `jax.checkpoint_policies` policy
+        (e.g. `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) keeps what
+        it names. GPipe keeps every tick's activations, so this sets its memory;
+        1F1B stashes stage inputs only and recomputes a stage's forward in its
+        backward, where the policy applies to that recomputation's layers.
 
     `key` is `None` when the step runs without randomness (evaluation).
 
@@ -67,9 +71,16 @@ class Stage(eqx.Module):
     layer_fn: Callable[[Any, Any, Any], Any] = eqx.field(
         static=True, default=_call_layer
     )
-    remat: bool = eqx.field(static=True, default=False)
+    remat: bool | Callable[..., bool] = eqx.field(static=True, default=False)
 
     def __check_init__(self):
+        if not (isinstance(self.remat, bool) or callable(self.remat)):
+            raise PipelineError(
+                f"`Stage(remat=...)` expects a bool or a `jax.checkpoint_policies` "
+                f"policy, got {type(self.remat).__name__}.",
+                suggestion="Use remat=True, or e.g. "
+                "remat=jax.checkpoint_policies.dots_with_no_batch_dims_saveable.",
+            )
         for name in ("where", "pre", "post", "layer_fn"):
             if not callable(getattr(self, name)):
                 raise PipelineError(
@@ -141,7 +152,9 @@ class Stage(eqx.Module):
             k = None if key is None else jax.random.fold_in(key, index)
             return layer_fn(eqx.combine(layer_params, static), h, k)
 
-        if self.remat:
+        if callable(self.remat):
+            one = jax.checkpoint(one, policy=self.remat)
+        elif self.remat:
             one = jax.checkpoint(one)
 
         def step(h: Any, layer: Any) -> tuple[Any, None]:

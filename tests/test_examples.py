@@ -30,17 +30,16 @@ MNIST_MD5 = {
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-def _load_data_module():
-    """`examples/mnist_dp/data.py`, imported by path (`data` is a generic name)."""
-    path = EXAMPLES / "mnist_dp" / "data.py"
-    spec = importlib.util.spec_from_file_location("_mnist_dp_data", path)
+def _load_example(relative_path: str, module_name: str):
+    """An example file imported by path (`data`, `train` are generic names)."""
+    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / relative_path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-data = _load_data_module()
+data = _load_example("mnist_dp/data.py", "_mnist_dp_data")
 
 
 def _run(*args: str) -> str:
@@ -160,16 +159,6 @@ def test_sklearn_digits_split_and_batches():
     assert len(data.eval_batches(test, 40)) == 9  # 40 divides 360: every image
 
 
-def _load_gpt_example():
-    """`examples/gpt/train.py`, imported by path (for its argument parser)."""
-    path = EXAMPLES / "gpt" / "train.py"
-    spec = importlib.util.spec_from_file_location("_gpt_train", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _eval_losses(out: str) -> list[tuple[int, float, float]]:
     """`(step, train, val)` of each `eval step N | train X | val Y` line."""
     lines = re.findall(
@@ -202,7 +191,7 @@ def test_gpt_dp_x_tp_x_pp_1f1b_learns():
 
 
 def test_gpt_example_checks_pipeline_arguments(capsys):
-    example = _load_gpt_example()
+    example = _load_example("gpt/train.py", "_gpt_train")  # for its argument parser
     args = example.parse_args(["--pp", "2", "--dp", "2", "--batch", "16"])
     assert (args.microbatches, args.schedule) == (4, "1f1b")  # default 2 x pp
     for argv, message in [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
@@ -63,11 +64,12 @@ class Logger(Protocol):
         ...
 
 
-class _Closable:
+class _Closable(abc.ABC):
     """Context-manager support: `with CSV(path) as log: ...` closes on exit."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Flush and release files."""
 
     def __enter__(self):
         return self

@@ -119,7 +119,7 @@ def put_batch(batch: Any, plan: Plan, mesh: Mesh, *, accumulate: bool = True) ->
         placed = place_leaves(leaves, shardings)
     else:
         placed = [
-            _global_array(leaf, sharding)
+            global_array(leaf, sharding)
             for leaf, sharding in zip(leaves, shardings, strict=True)
         ]
     placed_batch = jax.tree.unflatten(treedef, placed)
@@ -143,7 +143,8 @@ def place_leaves(leaves: list[Any], shardings: list[NamedSharding]) -> list[jax.
     return jax.device_put(list(leaves), list(shardings))
 
 
-def _global_array(leaf: Any, sharding: NamedSharding) -> jax.Array:
+def global_array(leaf: Any, sharding: NamedSharding) -> jax.Array:
+    """On many hosts: the global array of which `leaf` is this process's rows."""
     if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
         return leaf  # already a global array laid out as asked
     return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))

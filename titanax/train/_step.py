@@ -31,6 +31,7 @@ from ._batch import (
     _leaf_paths,
     batch_shardings,
     check_batch_divides,
+    global_array,
     place_leaves,
     put_batch,
     replicated,
@@ -359,7 +360,7 @@ class TrainStep:
         if jax.process_count() == 1:
             return leaves
         placed = [
-            jax.make_array_from_process_local_data(s, np.asarray(x))
+            global_array(x, s)
             for x, s in zip(leaves, self._batch_shardings, strict=True)
         ]
         if first:  # each process holds only its own rows: check the global batch
@@ -635,12 +636,7 @@ class TrainStep:
     def put_eval_batch(self, batch: Any) -> Any:
         """Place an evaluation batch: any leading size the data axes divide (its
         shape need not match the training batches'; each new shape compiles once)."""
-        if jax.process_count() > 1:  # process-local rows: checks the global batch
-            return put_batch(batch, self.plan, self.mesh, accumulate=False)
-        check_batch_divides(batch, self.plan, self.mesh, accumulate=False)
-        leaves, treedef = jax.tree.flatten(batch)
-        placed = place_leaves(leaves, batch_shardings(leaves, self.plan, self.mesh))
-        return jax.tree.unflatten(treedef, placed)
+        return put_batch(batch, self.plan, self.mesh, accumulate=False)
 
     def evaluate(self, state: TrainState, batch: Any) -> dict[str, jax.Array]:
         """Loss and metrics of one batch under `state`, without an update.

@@ -316,11 +316,10 @@ class Trainer:
     def _check_nonfinite(self, arrays: list[jax.Array]) -> None:
         if self.on_nonfinite != "raise":
             return
-        state = self.train_step.unflatten(arrays)
-        first_bad = int(jax.device_get(state.first_bad_step))
+        first_bad = self._first_bad_step(arrays)
         if first_bad < 0:
             return
-        self.state = state
+        state = self.state = self.train_step.unflatten(arrays)
         if self.train_step._guarded:  # fp16: the scaler skipped it
             kept = "that step was skipped (no non-finite value reached the state)"
         else:
@@ -339,8 +338,12 @@ class Trainer:
     def _reached_by_bad_step(self, arrays: list[jax.Array]) -> bool:
         if self.on_nonfinite != "raise" or self.train_step._guarded:
             return False
+        return self._first_bad_step(arrays) >= 0
+
+    def _first_bad_step(self, arrays: list[jax.Array]) -> int:
+        """The state's first non-finite step (-1: none); waits for the step."""
         state = self.train_step.unflatten(arrays)
-        return int(jax.device_get(state.first_bad_step)) >= 0
+        return int(jax.device_get(state.first_bad_step))
 
     def _log_header(self) -> None:
         if self._header_done or not self.loggers:

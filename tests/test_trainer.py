@@ -337,7 +337,17 @@ def test_continue_on_error_warns_and_goes_on():
     t = trainer(loss=loss, continue_on_error=True)
     with pytest.warns(UserWarning, match="skipped"):
         state = t.fit(make_batches(2))
-    assert int(state.step) == 0
+    # The skipped batches were consumed: a resumed run must not replay them.
+    assert int(state.step) == 0 and int(state.data_position) == 2
+
+
+def test_data_position_counts_batches_across_fits():
+    t = trainer()
+    t.fit(make_batches(3))
+    state = t.fit(make_batches(2))
+    assert int(state.step) == 5 and int(state.data_position) == 5
+    t.fit(make_batches(1))  # the position written back keeps its sharding
+    assert t.train_step._jitted._cache_size() == 1
 
 
 def test_keyboard_interrupt_returns_the_last_state():

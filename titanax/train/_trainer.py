@@ -13,7 +13,9 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
+import equinox as eqx
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -146,6 +148,7 @@ class Trainer:
         self.flops_per_step = flops_per_step
         self.state: TrainState | None = None
         self._header_done = False
+        self._skipped_batches = 0  # batches of failed steps, for the data position
 
     # --- state ----------------------------------------------------------------------
 
@@ -191,15 +194,21 @@ class Trainer:
         train = self.train_step
         arrays = train.flatten(state)
         step = int(jax.device_get(state.step))
+        position = int(jax.device_get(state.data_position))
+        # The data position is counted here, on the host: it is the step count plus
+        # the batches of failed steps skipped under `continue_on_error`.
+        self._skipped_batches = position - step
         # Only a resumed run skips what the checkpointed run already consumed; a
         # further `fit` on the same trainer starts at the new data's beginning.
-        skip = int(jax.device_get(state.data_position)) if resume else 0
-        stream = _stream(data, epochs, skip=skip)
+        stream = _stream(data, epochs, skip=position if resume else 0)
+        end = None if steps is None else step + steps
         metrics: dict[str, Any] = {}
-        done = 0
         meter: Meter | None = None
         timer, last_logged = time.perf_counter(), step
         guard = PreemptionGuard() if self.checkpoint is not None else None
+        # The per-step path below reads locals only: on a dispatch-bound model every
+        # attribute lookup and call shows in the step time.
+        run, checkpoint, log_every = train.step_flat, self.checkpoint, self.log_every
         try:
             if guard is not None:
                 guard.__enter__()
@@ -209,24 +218,29 @@ class Trainer:
             if not train.compiles_next_step:
                 meter = self._meter(batch_size=rows)
                 timer = time.perf_counter()
-            while batch is not None and (steps is None or done < steps):
-                arrays, metrics, ok = self._run_step(arrays, batch, step)
-                if ok:
-                    step += 1
-                    done += 1
-                # Checked now, while the step runs; its transfer is part of the
+            while batch is not None and (end is None or step < end):
+                try:
+                    arrays, metrics = run(arrays, batch)
+                except (TitanaxError, KeyboardInterrupt):
+                    raise
+                except Exception as e:
+                    self._skip_failed_step(e, step + 1, arrays)
+                    self._skipped_batches += 1
+                    batch = _next_batch(stream, train)
+                    continue
+                step += 1
+                # Read and checked while the step runs; its transfer is part of the
                 # next (asynchronous) dispatch.
                 batch = _next_batch(stream, train)
-                if not ok:
-                    continue
                 if meter is None:
                     jax.block_until_ready(metrics)
                     meter = self._meter(batch_size=rows)
                     timer, last_logged = time.perf_counter(), step
-                if step % self.log_every == 0:
+                if step % log_every == 0:
                     self._log(step, metrics, arrays, meter, step - last_logged, timer)
                     timer, last_logged = time.perf_counter(), step
-                self._maybe_checkpoint(arrays, step)
+                if checkpoint is not None and checkpoint.should_save(step):
+                    self._save_checkpoint(arrays, step)
                 if guard is not None and guard.requested:
                     # Preempted (SIGTERM): the step finished; save it and stop.
                     warnings.warn(
@@ -240,48 +254,43 @@ class Trainer:
                 f"Training interrupted at step {step}; returning the last state.",
                 stacklevel=2,
             )
-            self.state = train.unflatten(arrays)
+            self.state = self._state_at(arrays, step)
             self._final_checkpoint(arrays, step)
             return self.state
         finally:
             if guard is not None:
                 guard.__exit__(None, None, None)
-        self.state = train.unflatten(arrays)
+        self.state = self._state_at(arrays, step)
         if metrics and step != last_logged and meter is not None:
             self._log(step, metrics, arrays, meter, step - last_logged, timer)
-        self._check_nonfinite(arrays)
+        self._check_nonfinite(arrays, step)
         self._final_checkpoint(arrays, step)
         return self.state
 
-    def _run_step(
-        self, arrays: list[jax.Array], batch: list[jax.Array], step: int
-    ) -> tuple[list[jax.Array], dict[str, Any], bool]:
-        try:
-            new_arrays, metrics = self.train_step.step_flat(arrays, batch)
-            return new_arrays, metrics, True
-        except (TitanaxError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            if not self.continue_on_error:
-                raise TrainerError(
-                    f"Step {step + 1} failed: {type(e).__name__}: {e}",
-                    suggestion=(
-                        "Fix the cause above, or pass `continue_on_error=True` to "
-                        "skip failing batches."
-                    ),
-                ) from e
-            warnings.warn(
-                f"Step {step + 1} failed and was skipped "
-                f"(continue_on_error=True): {type(e).__name__}: {e}",
-                stacklevel=3,
-            )
-            if any(x.is_deleted() for x in arrays):
-                raise TrainerError(
-                    f"Step {step + 1} failed after its state was donated; cannot go "
-                    "on from it.",
-                    suggestion="Resume from the last checkpoint.",
-                ) from e
-            return arrays, {}, False
+    def _skip_failed_step(
+        self, error: Exception, step: int, arrays: list[jax.Array]
+    ) -> None:
+        """Raise `TrainerError` for a failed `step`, or warn and go on
+        (`continue_on_error=True`) if its state was not donated yet."""
+        if not self.continue_on_error:
+            raise TrainerError(
+                f"Step {step} failed: {type(error).__name__}: {error}",
+                suggestion=(
+                    "Fix the cause above, or pass `continue_on_error=True` to "
+                    "skip failing batches."
+                ),
+            ) from error
+        warnings.warn(
+            f"Step {step} failed and was skipped "
+            f"(continue_on_error=True): {type(error).__name__}: {error}",
+            stacklevel=3,
+        )
+        if any(x.is_deleted() for x in arrays):
+            raise TrainerError(
+                f"Step {step} failed after its state was donated; cannot go on from "
+                "it.",
+                suggestion="Resume from the last checkpoint.",
+            ) from error
 
     def _meter(self, batch_size: int) -> Meter:
         return Meter(
@@ -303,23 +312,32 @@ class Trainer:
         elapsed = time.perf_counter() - since
         if steps_timed > 0 and elapsed > 0:
             host.update(meter.update(steps_timed, elapsed))
-        self._check_nonfinite(arrays)
+        self._check_nonfinite(arrays, step)
         for logger in self.loggers:
             logger.log(step, host)
         if self.hooks:
             # Hooks see the current state (e.g. to `evaluate`); it is valid until the
             # next step, which donates its buffers.
-            self.state = self.train_step.unflatten(arrays)
+            self.state = self._state_at(arrays, step)
         for hook in self.hooks:
             hook(step, host, self)
 
-    def _check_nonfinite(self, arrays: list[jax.Array]) -> None:
+    def _state_at(self, arrays: list[jax.Array], step: int) -> TrainState:
+        """The state after `step`, with the data position the loop counted."""
+        state = self.train_step.unflatten(arrays)
+        sharding = state.data_position.sharding
+        position = jax.make_array_from_callback(
+            (), sharding, lambda _: np.asarray(step + self._skipped_batches, np.int32)
+        )
+        return eqx.tree_at(lambda s: s.data_position, state, position)
+
+    def _check_nonfinite(self, arrays: list[jax.Array], step: int) -> None:
         if self.on_nonfinite != "raise":
             return
         first_bad = self._first_bad_step(arrays)
         if first_bad < 0:
             return
-        state = self.state = self.train_step.unflatten(arrays)
+        state = self.state = self._state_at(arrays, step)
         if self.train_step._guarded:  # fp16: the scaler skipped it
             kept = "that step was skipped (no non-finite value reached the state)"
         else:
@@ -381,11 +399,11 @@ class Trainer:
         self.train_step.flatten(restored)
         return restored
 
-    def _maybe_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
-        if self.checkpoint is not None and self.checkpoint.should_save(step):
-            self._check_nonfinite(arrays)  # never save a state a bad step reached
+    def _save_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
+        if self.checkpoint is not None:
+            self._check_nonfinite(arrays, step)  # never save after a bad step
             self.checkpoint.save(
-                self.train_step.unflatten(arrays),
+                self._state_at(arrays, step),
                 step=step,
                 plan=self.plan,
                 mesh=self.mesh,
@@ -410,7 +428,7 @@ class Trainer:
             )
             return
         self.checkpoint.save(
-            self.train_step.unflatten(arrays),
+            self._state_at(arrays, step),
             step=step,
             force=True,
             plan=self.plan,

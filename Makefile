@@ -8,7 +8,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO ?= examples/gpt/train.py --dp 2 --tp 4 --steps 600
+# The demo: a CNN on digits (data parallel, seconds), then a GPT with DP x TP (a minute).
+DEMO ?= examples/mnist_dp/train.py --model cnn && $(BIN)/python examples/gpt/train.py --dp 2 --tp 4 --steps 600
 PYTEST_ARGS ?=
 BENCH ?= benchmarks/overhead.py benchmarks/gpt.py benchmarks/checkpoint.py benchmarks/pipeline.py
 LINT_PATHS := $(wildcard titanax models examples tests benchmarks)

@@ -130,6 +130,28 @@ def test_parity_with_a_single_device_loop(layout, opt):
             assert jax.tree.map(lambda x: x.sharding.spec, moments) == specs
 
 
+@pytest.mark.parametrize("layout", ["dp8", "fsdp8", "dp2_fsdp4"])
+def test_grad_norm_metric_matches_the_single_device_gradients(layout):
+    # Replicated gradients (dp8) take the fused norm over their concatenation;
+    # sharded ones (FSDP) the per-leaf sums. Both must give the true global norm.
+    batch = make_batches(1)[0]
+    params, static = eqx.partition(make_model(), eqx.is_array)
+    grads = jax.grad(lambda p: cross_entropy_loss(eqx.combine(p, static), batch)[0])(
+        params
+    )
+    expected = float(
+        np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(host(grads))))
+    )
+    norms = []
+    t = trainer(
+        layout, log_every=1, hooks=[lambda s, m, _: norms.append(m["grad_norm"])]
+    )
+    t.fit([batch])
+    np.testing.assert_allclose(norms, [expected], rtol=1e-5)
+    # Concatenating sharded gradients would gather them: FSDP keeps per-leaf sums.
+    assert t.train_step._params_replicated == (layout == "dp8")
+
+
 def test_async_logging_reaches_the_same_state():
     # log_every=5: metrics are fetched twice, the loop never waits in between.
     _, ref_params = reference_run("sgd")

@@ -26,11 +26,10 @@ class TrainState(eqx.Module):
     - `step`: int32 scalar, optimizer steps taken.
     - `rng`: uint32 key data (`jax.random.key_data`), the run's base key; the step key
         is `fold_in(rng, step)`, so resuming continues the same random stream.
-    - `data_position`: int32 scalar, batches consumed from the data stream. The
-        loop that reads the data keeps it: `tx.Trainer` counts every batch, those of
-        failed steps skipped under `continue_on_error` included, and writes it into
-        the states it returns and saves; `TrainStep.step` adds one. The compiled
-        step itself (`TrainStep.step_flat`) leaves it unchanged.
+    - `data_position`: int32 scalar, batches consumed from the data stream. Each
+        step adds one; `tx.Trainer` also counts the batches of failed steps it
+        skipped under `continue_on_error`, and writes its count into the states it
+        returns and saves.
     - `loss_scale`: fp16's `LossScale`, or `None`.
     - `bad_steps`: int32 scalar, steps skipped for a non-finite loss or gradient.
     - `first_bad_step`: int32 scalar, the first such step, or -1.

@@ -164,8 +164,7 @@ class TrainStep:
     - `put_batch(batch)`: place a host batch over the data axes; returns its flat
         leaves, for `step_flat`.
     - `step_flat(arrays, leaves)`: `step` on `flatten(state)` and the leaves from
-        `put_batch` or `step_batch` (no PyTree work on the host). It leaves
-        `data_position` to the caller's loop.
+        `put_batch` or `step_batch` (no PyTree work on the host).
     - `evaluate(state, batch) -> metrics`: the loss and metrics without an update.
     - `lower(state, batch)`: the `jax.stages.Lowered` step, for HLO inspection.
     """
@@ -419,20 +418,17 @@ class TrainStep:
         self, arrays: list[jax.Array], batch: list[jax.Array]
     ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
         """`step` on `flatten(state)` and the leaves from `step_batch` or
-        `put_batch` (no PyTree work on the host); `data_position` is unchanged."""
+        `put_batch` (no PyTree work on the host)."""
         if self._jitted is None:
             self._build(arrays, batch)
         jitted: Any = self._jitted
         return jitted(arrays, batch)
 
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        """One optimizer step; returns the new state, its data position advanced by
-        one batch, and on-device metrics."""
+        """One optimizer step; returns the new state and on-device metrics."""
         arrays = self.flatten(state)
         new_arrays, metrics = self.step_flat(arrays, self.step_batch(batch))
-        new = self.unflatten(new_arrays)
-        position = _next_position(new.data_position)
-        return eqx.tree_at(lambda s: s.data_position, new, position), metrics
+        return self.unflatten(new_arrays), metrics
 
     __call__ = step
 
@@ -625,7 +621,7 @@ class TrainStep:
             opt_state=opt_state,
             step=state.step + 1,
             rng=state.rng,
-            data_position=state.data_position,  # the loop counts it (see TrainState)
+            data_position=state.data_position + 1,
             loss_scale=(
                 self.precision.next_loss_scale(state.loss_scale, finite)
                 if state.loss_scale is not None
@@ -671,13 +667,6 @@ class TrainStep:
         )
         out = {"loss": loss, **metrics}
         return {n: jnp.asarray(v, jnp.float32) for n, v in out.items()}
-
-
-@jax.jit
-def _next_position(position: jax.Array) -> jax.Array:
-    # Outside the compiled step, which leaves the data position to the loop that
-    # reads the data (see `TrainState`).
-    return position + 1
 
 
 def _global_norm(grads: Any, *, fused: bool) -> jax.Array:

@@ -195,8 +195,9 @@ class Trainer:
         arrays = train.flatten(state)
         step = int(jax.device_get(state.step))
         position = int(jax.device_get(state.data_position))
-        # The data position is counted here, on the host: it is the step count plus
-        # the batches of failed steps skipped under `continue_on_error`.
+        # The states this loop hands out carry its own count of batches: the step
+        # count plus the batches of failed steps skipped under `continue_on_error`
+        # (which the device's count, one per step, does not see).
         self._skipped_batches = position - step
         # Only a resumed run skips what the checkpointed run already consumed; a
         # further `fit` on the same trainer starts at the new data's beginning.

@@ -145,7 +145,6 @@ def test_read_mnist_from_shared():
 
 
 def test_sklearn_digits_split_and_batches():
-    pytest.importorskip("sklearn", reason="the digits fallback needs scikit-learn")
     train, test = data.load_sklearn_digits()
     assert (len(train), len(test)) == (1437, 360)
     assert train.x.shape[1:] == (8, 8)

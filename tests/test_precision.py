@@ -7,27 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _mlp_case import host, make_batch, make_model
 
 import titanax as tx
-from models.mlp import MLP, cross_entropy_loss
-
-IN, HIDDEN, OUT = 16, 64, 4
-
-
-def make_model():
-    return MLP(IN, OUT, (HIDDEN,), key=jax.random.key(0))
-
-
-def make_batch(rows=32, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "x": rng.normal(size=(rows, IN)).astype(np.float32),
-        "y": rng.integers(0, OUT, size=(rows,)).astype(np.int32),
-    }
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(eqx.filter(tree, eqx.is_array)))
+from models.mlp import cross_entropy_loss
 
 
 def build(precision, optimizer=None):

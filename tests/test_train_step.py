@@ -10,30 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _mlp_case import host, make_batch, make_model
 
 import titanax as tx
-from models.mlp import MLP, cross_entropy_loss
+from models.mlp import cross_entropy_loss
 from titanax._explain import bytes_per_device
 from titanax._hlo import collectives
-
-IN, HIDDEN, OUT = 16, 64, 4
-
-
-def make_model():
-    return MLP(IN, OUT, (HIDDEN,), key=jax.random.key(0))
-
-
-def make_batch(rows=32, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "x": rng.normal(size=(rows, IN)).astype(np.float32),
-        "y": rng.integers(0, OUT, size=(rows,)).astype(np.int32),
-    }
-
-
-def host(tree):
-    """A host copy (the step donates its input state)."""
-    return jax.tree.map(np.asarray, jax.device_get(eqx.filter(tree, eqx.is_array)))
 
 
 def dp_plan(steps=1):

@@ -10,16 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _mlp_case import IN, OUT, host, make_model
 
 import titanax as tx
-from models.mlp import MLP, cross_entropy_loss
+from models.mlp import cross_entropy_loss
 
-IN, HIDDEN, OUT = 16, 64, 4
 STEPS = 10
-
-
-def make_model():
-    return MLP(IN, OUT, (HIDDEN,), key=jax.random.key(0))
 
 
 def make_batches(n=STEPS, rows=32, seed=0):
@@ -31,10 +27,6 @@ def make_batches(n=STEPS, rows=32, seed=0):
         }
         for _ in range(n)
     ]
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(eqx.filter(tree, eqx.is_array)))
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):

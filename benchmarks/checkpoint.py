@@ -66,9 +66,9 @@ def main() -> None:
     from models.mlp import MLP, cross_entropy_loss
     from titanax._mesh import make_mesh
     from titanax._plan import DP, FSDP, TP, Plan
-    from titanax.checkpoint import OrbaxCheckpoint, abstract_state
+    from titanax.checkpoint import OrbaxCheckpoint
     from titanax.optim import adamw
-    from titanax.train import make_train_step
+    from titanax.train import abstract_state, make_train_step
 
     n = len(jax.devices())
     if args.plan == "fsdp":

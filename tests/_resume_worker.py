@@ -37,10 +37,9 @@ from titanax._plan import DP, Plan  # noqa: E402
 from titanax.checkpoint import (  # noqa: E402
     OrbaxCheckpoint,
     PreemptionGuard,
-    abstract_state,
 )
 from titanax.optim import adamw  # noqa: E402
-from titanax.train import make_train_step  # noqa: E402
+from titanax.train import abstract_state, make_train_step  # noqa: E402
 
 BATCH = 16
 IN, OUT = 16, 8

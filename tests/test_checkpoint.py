@@ -23,11 +23,10 @@ from titanax._cli import main as cli
 from titanax.checkpoint import (
     OrbaxCheckpoint,
     PreemptionGuard,
-    abstract_state,
     read_metadata,
 )
 from titanax.optim import adamw
-from titanax.train import Precision, TrainState, make_train_step
+from titanax.train import Precision, TrainState, abstract_state, make_train_step
 
 # Reading a damaged step makes Orbax close its event loop with TensorStore reads in
 # flight; their callbacks report "Event loop is closed" through sys.unraisablehook,

@@ -21,9 +21,10 @@ import pytest
 
 from titanax._mesh import make_mesh
 from titanax._plan import DP, Plan
-from titanax.checkpoint import OrbaxCheckpoint, abstract_state
+from titanax.checkpoint import OrbaxCheckpoint
 from titanax.checkpoint._metadata import scan
 from titanax.optim import adamw
+from titanax.train import abstract_state
 
 # See test_checkpoint.py: Orbax read noise after a damaged step is not a failure.
 pytestmark = pytest.mark.filterwarnings(

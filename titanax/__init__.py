@@ -31,7 +31,6 @@ from ._sharding import shard as shard
 from ._sharding import shardings as shardings
 from .checkpoint import OrbaxCheckpoint as OrbaxCheckpoint
 from .checkpoint import PreemptionGuard as PreemptionGuard
-from .checkpoint import abstract_state as abstract_state
 from .parallel import collectives as collectives
 from .parallel import grad as grad
 from .parallel import spmd as spmd
@@ -45,6 +44,7 @@ from .train import Precision as Precision
 from .train import Trainer as Trainer
 from .train import TrainState as TrainState
 from .train import TrainStep as TrainStep
+from .train import abstract_state as abstract_state
 from .train import make_train_step as make_train_step
 from .train import put_batch as put_batch
 

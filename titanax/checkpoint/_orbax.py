@@ -29,9 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from .._axes import path_str
+from .._axes import is_arraylike, path_str
 from .._errors import CheckpointError
-from ._abstract import is_arraylike, to_abstract
 from ._metadata import (
     META_FILE,
     META_ITEM,
@@ -41,6 +40,7 @@ from ._metadata import (
     leaf_key,
     read_metadata,
 )
+from ._target import to_abstract
 
 __all__ = ["OrbaxCheckpoint"]
 

@@ -1,5 +1,6 @@
 """Training: the TrainState, the compiled step, and the Trainer loop above it."""
 
+from ._abstract import abstract_state as abstract_state
 from ._batch import put_batch as put_batch
 from ._precision import LossScale as LossScale
 from ._precision import Precision as Precision

@@ -15,19 +15,14 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .._errors import CheckpointError
+from .._axes import is_arraylike
 from .._plan import Plan
 from .._sharding import shardings
-from ..train._precision import Precision
-from ..train._state import TrainState
-from ..train._step import Trainable, TrainStep
+from ._precision import Precision
+from ._state import TrainState
+from ._step import Trainable, TrainStep
 
-__all__ = ["abstract_state", "is_arraylike", "to_abstract"]
-
-
-def is_arraylike(x: Any) -> bool:
-    """True for `jax.Array`s, numpy arrays and `jax.ShapeDtypeStruct`s."""
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+__all__ = ["abstract_state"]
 
 
 def _no_loss(model: Any, batch: Any, key: Any) -> Any:  # pragma: no cover
@@ -132,37 +127,3 @@ def abstract_state(
         bad_steps=replicate(traced.bad_steps),
         first_bad_step=replicate(traced.first_bad_step),
     )
-
-
-def to_abstract(tree: Any, where: str = "target") -> Any:
-    """Each array of `tree` as a `jax.ShapeDtypeStruct` with its sharding.
-
-    **Raises:** `CheckpointError` if a `ShapeDtypeStruct` leaf has no sharding.
-    """
-
-    def one(path: Any, x: Any) -> Any:
-        if isinstance(x, jax.ShapeDtypeStruct):
-            if x.sharding is None:
-                raise CheckpointError(
-                    f"The restore {where} has a `jax.ShapeDtypeStruct` without a "
-                    f"sharding at `{jax.tree_util.keystr(path)}`: Titanax cannot "
-                    "tell which devices it belongs on.",
-                    suggestion=(
-                        "Build the target with `tx.abstract_state(model, plan, mesh, "
-                        "optimizer)`, or give every ShapeDtypeStruct a `sharding=`."
-                    ),
-                )
-            return x
-        if eqx.is_array(x):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x))
-        return x
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def _sharding_of(x: Any) -> Any:
-    sharding = getattr(x, "sharding", None)
-    if sharding is None:  # a numpy array: restore onto the default device
-        device = jax.devices()[0]
-        sharding = jax.sharding.SingleDeviceSharding(device)
-    return sharding

@@ -4,7 +4,7 @@ Trains `models.mlp.MLP` with `tx.make_train_step` (DP over every device), saving
 every `--every` steps with `OrbaxCheckpoint`, under a `PreemptionGuard`. The loss
 adds input noise from the step's key, so a resumed run only matches if the RNG
 stream continues. Batches come from a re-iterable source indexed by position; a
-resumed run skips `state.data_position` of them.
+resumed run skips the `state.data_position` samples (whole batches) already read.
 
 Flags simulate failures: `--kill-after N` SIGKILLs the process after step N,
 `--pause-after N` waits after step N for a SIGTERM (sent by the test), and
@@ -101,7 +101,7 @@ def main() -> int:
     else:
         state = train.init(make_model, 0)
     step = int(state.step)
-    position = int(state.data_position)
+    position = int(state.data_position) // BATCH  # samples -> batches
 
     with PreemptionGuard() as guard:
         for batch in data(position):

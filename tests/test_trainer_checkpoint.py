@@ -76,8 +76,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, uninterrupted):
     assert int(first.step) == 7
     resumed_trainer = _trainer(tmp_path)
     assert resumed_trainer.checkpoint.latest_step() == 7  # forced save at the end
-    resumed = resumed_trainer.fit(_data(), steps=5, resume=True)
-    assert int(resumed.step) == 12 and int(resumed.data_position) == 12
+    resumed = resumed_trainer.fit(_data(), steps=12, resume=True)  # a total
+    assert int(resumed.step) == 12 and int(resumed.data_position) == 12 * 16
     _assert_same(resumed.model, uninterrupted.model)
     _assert_same(resumed.opt_state, uninterrupted.opt_state)
 
@@ -87,12 +87,14 @@ def test_sigterm_saves_the_step_and_resumes_exactly(tmp_path, uninterrupted):
         if step == 6:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.warns(UserWarning, match="Preemption signal received"):
-        stopped = _trainer(tmp_path, hooks=[preempt_at_6]).fit(_data(), steps=12)
-    assert int(stopped.step) == 6
+    trainer = _trainer(tmp_path, hooks=[preempt_at_6])
+    with pytest.raises(tx.Preempted) as e:
+        trainer.fit(_data(), steps=12)
+    assert e.value.step == 6 and e.value.code == 75  # SystemExit: exit code 75
+    assert int(trainer.state.step) == 6 and trainer.stop_reason == "preempted"
     checkpoint = tx.OrbaxCheckpoint(tmp_path)
     assert checkpoint.latest_step() == 6
-    resumed = _trainer(tmp_path).fit(_data(), steps=6, resume=True)
+    resumed = _trainer(tmp_path).fit(_data(), steps=12, resume=True)
     _assert_same(resumed.model, uninterrupted.model)
 
 
@@ -103,18 +105,52 @@ def test_keyboard_interrupt_saves_last_step(tmp_path):
                 raise KeyboardInterrupt
             yield batch
 
-    with pytest.warns(UserWarning, match="interrupted at step 5"):
-        state = _trainer(tmp_path).fit(data(), steps=12)
-    assert int(state.step) == 5
+    trainer = _trainer(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(data(), steps=12)
+    assert int(trainer.state.step) == 5
     assert tx.OrbaxCheckpoint(tmp_path).latest_step() == 5
 
 
 def test_resume_from_a_path(tmp_path, uninterrupted):
     _trainer(tmp_path).fit(_data(), steps=4)
-    resumed = _trainer().fit(_data(), steps=8, resume=str(tmp_path))
+    resumed = _trainer().fit(_data(), steps=12, resume=str(tmp_path))
     _assert_same(resumed.model, uninterrupted.model)
 
 
 def test_resume_without_checkpoint_is_an_error():
-    with pytest.raises(tx.TrainerError, match="needs a checkpoint"):
+    with pytest.raises(tx.ArgumentError, match="Expected a checkpoint to resume"):
         _trainer().fit(_data(), steps=1, resume=True)
+
+
+def test_resume_from_a_path_without_checkpoints_is_an_error(tmp_path):
+    trainer = _trainer()
+    with pytest.raises(tx.CheckpointError, match="found none"):
+        trainer.fit(_data(), steps=1, resume=str(tmp_path / "typo"))
+    assert trainer.state is None or int(trainer.state.step) == 0
+
+
+def test_resume_true_on_an_empty_directory_starts_fresh_and_says_so(
+    tmp_path, uninterrupted
+):
+    with pytest.warns(UserWarning, match="no checkpoint .* yet; starting from step 0"):
+        state = _trainer(tmp_path).fit(_data(), steps=12, resume=True)
+    _assert_same(state.model, uninterrupted.model)
+
+
+def test_an_iterator_that_raises_leaves_a_checkpoint_of_the_last_good_step(tmp_path):
+    def data():
+        for i, batch in enumerate(_data()):
+            if i == 5:
+                raise OSError("disk read failed")
+            yield batch
+
+    trainer = _trainer(tmp_path)
+    with pytest.raises(OSError, match="disk read failed") as e:
+        trainer.fit(data(), steps=12)
+    assert any("data iterator raised after 5 batches" in n for n in e.value.__notes__)
+    assert int(trainer.state.step) == 5 and trainer.stop_reason == "failed"
+    checkpoint = tx.OrbaxCheckpoint(tmp_path)
+    assert checkpoint.latest_step() == 5
+    restored = checkpoint.restore(trainer.state)
+    _assert_same(restored.model, trainer.state.model)

@@ -8,12 +8,20 @@ Every error says what was expected, what was found, where (a PyTree path such as
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
+    "BatchError",
     "CheckpointError",
     "CollectiveError",
+    "DataExhaustedError",
+    "DataExhaustedWarning",
     "MeshError",
+    "NonFiniteError",
     "PipelineError",
     "PlanError",
+    "Preempted",
     "ShardingError",
+    "SkippedStepsWarning",
+    "StepFailedError",
     "TitanaxError",
     "TrainerError",
 ]
@@ -71,3 +79,66 @@ class TrainerError(TitanaxError, RuntimeError):
 
 class PipelineError(PlanError):
     """A pipeline plan does not fit the model, mesh or microbatch count."""
+
+
+# --- the training loop -------------------------------------------------------------
+
+
+class ArgumentError(TitanaxError, TypeError, ValueError):
+    """An argument of a Titanax function has the wrong type or value (`steps=2.5`,
+    `log_every=True`, `precision="bf16"`, a model class where a `key -> Module`
+    function is expected). Raised before anything is placed or compiled."""
+
+
+class BatchError(TrainerError, ValueError):
+    """A batch does not fit the run: its structure, a leaf's shape or dtype, or its
+    row count differs from the first batch's, or its rows do not split over the data
+    axes. Raised before the step runs, so the state is intact."""
+
+
+class StepFailedError(TrainerError):
+    """A training step raised, or `continue_on_error` met too many consecutive
+    failures. Chained (`__cause__`) to the first failure."""
+
+
+class NonFiniteError(TrainerError):
+    """The loss or the gradients were not finite (`on_nonfinite="raise"`), or too
+    many consecutive steps were skipped for it (`on_nonfinite="skip"`)."""
+
+
+class DataExhaustedError(TrainerError):
+    """`fit(..., strict=True)`: the data ended before `steps` was reached."""
+
+
+class DataExhaustedWarning(UserWarning):
+    """The data ended before `fit` reached `steps` (see `DataExhaustedError`)."""
+
+
+class SkippedStepsWarning(UserWarning):
+    """Steps were skipped on device because their loss or gradients were not
+    finite (`on_nonfinite="skip"`)."""
+
+
+class Preempted(SystemExit):
+    """`Trainer.fit` stopped on a preemption signal (SIGTERM) after saving a
+    checkpoint of `step`.
+
+    A `SystemExit`: left uncaught, the script ends with exit code `exit_code` (75,
+    `EX_TEMPFAIL`: "try again later"), which a scheduler reads as "requeue me", not
+    as success; `except Exception` does not swallow it. Re-running the same command
+    with `fit(..., resume=True)` continues from the checkpoint.
+
+    **Attributes:** `step` (the last step taken and saved), `exit_code` (75).
+    """
+
+    exit_code = 75
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(self.exit_code)
+
+    def __str__(self) -> str:
+        return (
+            f"Preempted after step {self.step}; a checkpoint of it was saved. "
+            f"Exit code {self.exit_code}: rerun with `resume=True` to continue."
+        )

@@ -20,24 +20,13 @@ from .._plan import Plan
 from .._sharding import shardings
 from ._precision import Precision
 from ._state import TrainState
-from ._step import Trainable, TrainStep
+from ._step import Trainable, TrainStep, opt_state_shardings, trainable_mask
 
 __all__ = ["abstract_state"]
 
 
 def _no_loss(model: Any, batch: Any, key: Any) -> Any:  # pragma: no cover
     raise AssertionError("abstract_state never runs a loss")
-
-
-class _TracedInit(TrainStep):
-    """`TrainStep` whose `init` can run under `eval_shape`.
-
-    `_bind` reads `.sharding` off the new state's arrays, which tracers lack; here it
-    only keeps the trainable mask (resolved by `init` before `_bind`).
-    """
-
-    def _bind(self, state: TrainState) -> None:
-        del state
 
 
 def abstract_state(
@@ -77,22 +66,23 @@ def abstract_state(
         state = ckpt.restore(target)  # resharded onto new_mesh
         ```
     """
-    builder = _TracedInit(
-        _no_loss, optimizer, plan, mesh, trainable=trainable, precision=precision
+    builder = TrainStep(
+        _no_loss,
+        optimizer,
+        plan,
+        mesh,
+        trainable=trainable,
+        precision=precision,  # type: ignore[arg-type]
     )
     traced = eqx.filter_eval_shape(lambda m: builder.init(m, key), model)
-    mask = builder._mask  # set by `init` from the traced model
+    spec = jax.tree.unflatten(
+        jax.tree.structure(traced.model),
+        list(trainable_mask(traced.model, trainable)),
+    )
     rep = NamedSharding(mesh, PartitionSpec())
     model_shardings = shardings(traced.model, plan, mesh)
-    # The optimizer state is pinned to its parameters' shardings, as in
-    # `TrainStep._init_opt_state`; the rest of the state is replicated.
-    opt_shardings = optax.tree_map_params(
-        optimizer,
-        lambda _, sharding: sharding,
-        traced.opt_state,
-        eqx.filter(model_shardings, mask),
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: x is None,
+    opt_shardings = opt_state_shardings(
+        optimizer, traced.opt_state, eqx.filter(model_shardings, spec), mesh
     )
 
     def place(tree: Any, tree_shardings: Any) -> Any:
@@ -107,23 +97,21 @@ def abstract_state(
         placed = jax.tree.map(one, dynamic, tree_shardings, is_leaf=lambda x: x is None)
         return eqx.combine(placed, static)
 
-    def replicate(tree: Any) -> Any:
-        return jax.tree.map(
-            lambda x: (
-                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
-                if isinstance(x, jax.ShapeDtypeStruct)
-                else x
-            ),
-            tree,
-        )
-
-    return TrainState(
-        model=place(traced.model, model_shardings),
-        opt_state=place(traced.opt_state, opt_shardings),
-        step=replicate(traced.step),
-        rng=replicate(traced.rng),
-        data_position=replicate(traced.data_position),
-        loss_scale=replicate(traced.loss_scale),
-        bad_steps=replicate(traced.bad_steps),
-        first_bad_step=replicate(traced.first_bad_step),
+    # The model and its optimizer state land where the plan puts them; the
+    # counters, key and loss scale are replicated.
+    replicated = jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else x
+        ),
+        traced,
+    )
+    return eqx.tree_at(
+        lambda s: (s.model, s.opt_state),
+        replicated,
+        replace=(
+            place(traced.model, model_shardings),
+            place(traced.opt_state, opt_shardings),
+        ),
     )

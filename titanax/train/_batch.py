@@ -1,4 +1,10 @@
-"""Host batches → global arrays sharded over the plan's data axes."""
+"""Host batches → global arrays sharded over the plan's data axes.
+
+A `BatchLayout` is what every batch of a run must look like (structure, per-leaf
+shape and dtype, placement). It is derived from one batch, checked against every
+other before anything is donated: a bad batch raises `BatchError` and leaves the
+state intact.
+"""
 
 from __future__ import annotations
 
@@ -11,48 +17,171 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .._axes import path_str
-from .._errors import TrainerError
+from .._errors import BatchError
 from .._plan import Plan
 
-__all__ = ["BatchSpec", "place_leaves", "put_batch"]
+__all__ = ["BatchLayout", "ShortBatch", "place_leaves", "put_batch", "replicated"]
+
+
+class ShortBatch(BatchError):
+    """A batch with fewer rows than the layout's, and otherwise the same: the last,
+    partial batch of an epoch. The Trainer drops it (`drop_last=True`)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchSpec:
-    """The structure every batch of a run must have: treedef, per-leaf global shape
-    and dtype. The first batch fixes it; a different one is an error, not a silent
-    recompilation."""
+class BatchLayout:
+    """The structure every batch of a run has: treedef, per-leaf global shape and
+    dtype, and the sharding each leaf is placed with (leading dim over the data
+    axes). Immutable; equal layouts compile to the same step.
+
+    **Fields:** `treedef`, `shapes`, `dtypes`, `paths` (readable leaf paths),
+    `shardings`, `many_processes`, and the property `rows` (the global batch
+    size: the leading dim).
+    """
 
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
-    paths: tuple[str, ...]
+    paths: tuple[str, ...] = dataclasses.field(compare=False)
+    shardings: tuple[NamedSharding, ...] = dataclasses.field(compare=False)
+    many_processes: bool = dataclasses.field(compare=False, default=False)
 
-    def check(self, treedef: Any, leaves: list[Any]) -> None:
-        """Raise `TrainerError` naming the first leaf that differs."""
+    @property
+    def rows(self) -> int:
+        """The global batch size (every leaf's leading dim)."""
+        return self.shapes[0][0]
+
+    @classmethod
+    def of(
+        cls, batch: Any, plan: Plan, mesh: Mesh, *, accumulate: bool = True
+    ) -> BatchLayout:
+        """The layout of `batch`: checks that it has leaves, each with a leading
+        batch dim of one size that splits over the data axes (and, with
+        `accumulate`, into `plan.accumulate_steps` microbatches).
+
+        On many processes, `batch` holds this process's rows; the layout records
+        global shapes (rows times the process count).
+
+        **Raises:** `BatchError` naming the leaf and the fix.
+        """
+        leaves, treedef = jax.tree.flatten(batch)
+        paths = leaf_paths(batch)
+        if not leaves:
+            raise BatchError(
+                f"Expected a batch with at least one array, got {type(batch).__name__}"
+                f" {batch!r:.60}.",
+                suggestion="Yield PyTrees of numpy arrays, e.g. `{'x': x, 'y': y}`.",
+            )
+        leaves = [x if hasattr(x, "shape") else np.asarray(x) for x in leaves]
+        for path, leaf in zip(paths, leaves, strict=True):
+            if np.ndim(leaf) == 0:
+                raise BatchError(
+                    f"Expected every batch leaf to have a leading batch dim, got a "
+                    f"scalar at `{path}`.",
+                    path=path,
+                    suggestion="Give every batch leaf a leading batch dimension.",
+                )
+        shardings = tuple(NamedSharding(mesh, plan.batch_spec(x.ndim)) for x in leaves)
+        if jax.process_count() > 1:
+            # Each process holds its rows: the global shapes are those of the global
+            # arrays they make together (rows may be shared by processes that hold
+            # the same data shard).
+            leaves = [
+                global_array(x, s) for x, s in zip(leaves, shardings, strict=True)
+            ]
+        shapes = [tuple(x.shape) for x in leaves]
+        rows = {s[0] for s in shapes}
+        if len(rows) > 1:
+            sizes = ", ".join(
+                f"`{p}`: {s[0]}" for p, s in zip(paths, shapes, strict=True)
+            )
+            raise BatchError(
+                f"Expected every batch leaf to have the same number of rows, got "
+                f"{sizes}.",
+                path=paths[0],
+                suggestion="Give all leaves of a batch the same leading dim.",
+            )
+        check_rows(shapes[0][0], paths[0], plan, mesh, accumulate=accumulate)
+        return cls(
+            treedef=treedef,
+            shapes=tuple(shapes),
+            dtypes=tuple(np.dtype(x.dtype) for x in leaves),
+            paths=paths,
+            shardings=shardings,
+            many_processes=jax.process_count() > 1,
+        )
+
+    def leaves(self, batch: Any) -> list[Any]:
+        """`batch`'s leaves, checked against this layout (per step: attribute reads
+        only).
+
+        **Raises:** `ShortBatch` for a batch with fewer rows and otherwise the same;
+        `BatchError` naming the first leaf that differs.
+        """
+        leaves, treedef = jax.tree.flatten(batch)
         if treedef != self.treedef:
-            raise TrainerError(
-                f"This batch's structure {treedef} differs from the first batch's "
-                f"{self.treedef}.",
+            raise BatchError(
+                f"Expected a batch with the structure {self.treedef}, got {treedef}.",
                 suggestion="Yield batches with the same keys/structure every step.",
             )
-        for path, shape, dtype, leaf in zip(
-            self.paths, self.shapes, self.dtypes, leaves, strict=True
-        ):
-            # Attribute reads only: this runs on the host every step.
+        if self.many_processes:
+            return self._process_leaves(leaves)
+        shapes = self.shapes
+        dtypes = self.dtypes
+        for i, leaf in enumerate(leaves):
+            if leaf.shape != shapes[i] or leaf.dtype != dtypes[i]:
+                self._raise_mismatch(leaves)
+        return leaves
+
+    def _process_leaves(self, leaves: list[Any]) -> list[Any]:
+        """Many processes: each holds its rows; build the global arrays (before
+        any step) and check those."""
+        placed = [
+            global_array(x, s) for x, s in zip(leaves, self.shardings, strict=True)
+        ]
+        for leaf, shape, dtype in zip(placed, self.shapes, self.dtypes, strict=True):
             if leaf.shape != shape or leaf.dtype != dtype:
-                raise TrainerError(
-                    f"Batch leaf `{path}` has shape {tuple(leaf.shape)} and dtype "
-                    f"{leaf.dtype}, but the first batch had {shape} and {dtype}.",
-                    path=path,
-                    suggestion=(
-                        "Keep batch shapes fixed (drop or pad the last partial batch); "
-                        "a new shape would recompile the step."
-                    ),
+                self._raise_mismatch(placed)
+        return placed
+
+    def _raise_mismatch(self, leaves: list[Any]) -> None:
+        shapes = list(self.shapes)
+        got = [(tuple(x.shape), np.dtype(x.dtype)) for x in leaves]
+        short = (
+            all(
+                dtype == want_dtype
+                and shape[1:] == want[1:]
+                and len(shape) == len(want)
+                and 0 < shape[0] < want[0]
+                for (shape, dtype), want, want_dtype in zip(
+                    got, shapes, self.dtypes, strict=True
                 )
+            )
+            and len({shape[0] for shape, _ in got}) == 1
+        )
+        for path, (shape, dtype), want, want_dtype in zip(
+            self.paths, got, shapes, self.dtypes, strict=True
+        ):
+            if shape == want and dtype == want_dtype:
+                continue
+            kind = ShortBatch if short else BatchError
+            raise kind(
+                f"Expected batch leaf `{path}` of shape {want} and dtype "
+                f"{want_dtype} (as the first batch), got {shape} and {dtype}.",
+                path=path,
+                suggestion=(
+                    "Drop the partial last batch (`fit(..., drop_last=True)`, the "
+                    "default) or pad it to the full size."
+                    if short
+                    else "Keep batch shapes and dtypes fixed; a new shape would "
+                    "recompile the step."
+                ),
+            )
 
 
-def _leaf_paths(batch: Any) -> tuple[str, ...]:
+def leaf_paths(batch: Any) -> tuple[str, ...]:
+    """Readable paths of a batch's leaves: `['x']`, `[0]`, or `batch` for a bare
+    array."""
     flat = jax.tree_util.tree_flatten_with_path(batch)[0]
     return tuple(
         path_str(batch, p).removeprefix(type(batch).__name__) or "batch"
@@ -60,37 +189,22 @@ def _leaf_paths(batch: Any) -> tuple[str, ...]:
     )
 
 
-def batch_shardings(leaves: list[Any], plan: Plan, mesh: Mesh) -> list[NamedSharding]:
-    """One `NamedSharding` per batch leaf: leading dim over the data axes."""
-    return [NamedSharding(mesh, plan.batch_spec(np.ndim(x))) for x in leaves]
-
-
-def check_batch_divides(
-    batch: Any, plan: Plan, mesh: Mesh, *, accumulate: bool = True
+def check_rows(
+    rows: int, path: str, plan: Plan, mesh: Mesh, *, accumulate: bool = True
 ) -> None:
-    """Raise `TrainerError` unless every leaf's leading (global) dim splits over the
-    data axes (and, with `accumulate`, into `plan.accumulate_steps` microbatches)."""
+    """Raise `BatchError` unless `rows` (global) split over the data axes (and,
+    with `accumulate`, into `plan.accumulate_steps` microbatches)."""
     acc = plan.accumulate_steps if accumulate else 1
     need = plan.data_parallel_size(mesh) * acc
-    paths = _leaf_paths(batch)
-    for path, leaf in zip(paths, jax.tree.leaves(batch), strict=True):
-        if np.ndim(leaf) == 0:
-            raise TrainerError(
-                f"Batch leaf `{path}` is a scalar; batch leaves need a leading "
-                "batch dim.",
-                path=path,
-                suggestion="Give every batch leaf a leading batch dimension.",
-            )
-        size = np.shape(leaf)[0]
-        if size % need:
-            over = " x ".join(f"{a}={mesh.shape[a]}" for a in plan.data_axes) or "1"
-            detail = f", times {acc} microbatches," if acc > 1 else ""
-            raise TrainerError(
-                f"The global batch of {size} rows at `{path}` does not split into "
-                f"{need} equal parts (data axes {over}{detail}).",
-                path=path,
-                suggestion=f"Use a global batch size divisible by {need}.",
-            )
+    if rows % need:
+        over = " x ".join(f"{a}={mesh.shape[a]}" for a in plan.data_axes) or "1"
+        detail = f", times {acc} microbatches," if acc > 1 else ""
+        raise BatchError(
+            f"Expected a global batch size divisible by {need} (data axes {over}"
+            f"{detail}), got {rows} rows at `{path}`.",
+            path=path,
+            suggestion=f"Use a global batch size divisible by {need}.",
+        )
 
 
 def put_batch(batch: Any, plan: Plan, mesh: Mesh, *, accumulate: bool = True) -> Any:
@@ -109,24 +223,17 @@ def put_batch(batch: Any, plan: Plan, mesh: Mesh, *, accumulate: bool = True) ->
 
     **Returns:** the batch as sharded global `jax.Array`s.
 
-    **Raises:** `TrainerError` if a leaf's leading dim does not split evenly.
+    **Raises:** `BatchError` if a leaf's leading dim does not split evenly.
     """
+    layout = BatchLayout.of(batch, plan, mesh, accumulate=accumulate)
+    leaves = jax.tree.leaves(batch)
     if jax.process_count() == 1:
-        check_batch_divides(batch, plan, mesh, accumulate=accumulate)  # pre-transfer
-    leaves, treedef = jax.tree.flatten(batch)
-    shardings = batch_shardings(leaves, plan, mesh)
-    if jax.process_count() == 1:
-        placed = place_leaves(leaves, shardings)
+        placed = place_leaves(leaves, list(layout.shardings))
     else:
         placed = [
-            global_array(leaf, sharding)
-            for leaf, sharding in zip(leaves, shardings, strict=True)
+            global_array(x, s) for x, s in zip(leaves, layout.shardings, strict=True)
         ]
-    placed_batch = jax.tree.unflatten(treedef, placed)
-    if jax.process_count() > 1:
-        # The global shapes, still before any step.
-        check_batch_divides(placed_batch, plan, mesh, accumulate=accumulate)
-    return placed_batch
+    return jax.tree.unflatten(layout.treedef, placed)
 
 
 def place_leaves(leaves: list[Any], shardings: list[NamedSharding]) -> list[jax.Array]:

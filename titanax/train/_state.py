@@ -26,13 +26,17 @@ class TrainState(eqx.Module):
     - `step`: int32 scalar, optimizer steps taken.
     - `rng`: uint32 key data (`jax.random.key_data`), the run's base key; the step key
         is `fold_in(rng, step)`, so resuming continues the same random stream.
-    - `data_position`: int32 scalar, batches consumed from the data stream. Each
-        step adds one; `tx.Trainer` also counts the batches of failed steps it
-        skipped under `continue_on_error`, and writes its count into the states it
-        returns and saves.
+    - `data_position`: int32 scalar, samples (global batch rows) consumed from the
+        data stream: each step adds its global batch size; `tx.Trainer` also adds
+        the rows of batches it skipped (failed steps under `continue_on_error`), so
+        a resumed run reads on from exactly where this one stopped, whatever its
+        process count or data-parallel size. (int32: up to 2^31 - 1 samples.)
     - `loss_scale`: fp16's `LossScale`, or `None`.
-    - `bad_steps`: int32 scalar, steps skipped for a non-finite loss or gradient.
-    - `first_bad_step`: int32 scalar, the first such step, or -1.
+    - `bad_steps`: int32 scalar, steps whose loss or gradients were not finite.
+    - `first_bad_step`: int32 scalar, the step index (from 0) of the first such
+        step, or -1.
+    - `bad_streak`: int32 scalar, how many steps in a row, up to now, were not
+        finite (0 after a finite step).
     """
 
     model: Any
@@ -43,6 +47,7 @@ class TrainState(eqx.Module):
     loss_scale: LossScale | None
     bad_steps: jax.Array
     first_bad_step: jax.Array
+    bad_streak: jax.Array
 
     @property
     def key(self) -> jax.Array:

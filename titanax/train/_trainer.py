@@ -4,13 +4,27 @@ The loop never blocks the host on a step: the step is dispatched asynchronously,
 next batch is read and checked while it runs and copied to the devices by the next
 dispatch (so, in the steady state, also while it runs), and metrics are fetched only
 at log steps.
+
+The contract of `fit`, in one place:
+
+- `steps` is a total: `fit` trains until `state.step == steps`, so re-running the
+    same command after a crash or a preemption (with `resume=True`) ends where an
+    uninterrupted run ends.
+- Every batch is checked (structure, shapes, dtypes, rows) before the state is
+    donated to the step: a bad batch never costs the state. `trainer.state` is always
+    a usable state after `fit` returns or raises (or `None` if a step failed after
+    its state was donated: then resume from the last checkpoint).
+- `fit` says why it stopped: it returns (`trainer.stop_reason` is `"finished"` or
+    `"data_exhausted"`, the latter with a `DataExhaustedWarning`, or
+    `DataExhaustedError` under `strict=True`), or raises `tx.Preempted` after saving
+    (SIGTERM), or re-raises `KeyboardInterrupt` after saving.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -19,20 +33,45 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from .._errors import TitanaxError, TrainerError
+from .._checks import (
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_mesh,
+    expect_model_or_factory,
+    expect_number,
+    expect_path_or_bool,
+    expect_plan,
+    expect_sequence_of,
+    got,
+)
+from .._errors import (
+    ArgumentError,
+    BatchError,
+    CheckpointError,
+    DataExhaustedError,
+    DataExhaustedWarning,
+    NonFiniteError,
+    Preempted,
+    SkippedStepsWarning,
+    StepFailedError,
+    TitanaxError,
+)
 from .._explain import Explanation, bytes_per_device, explain
 from .._mesh import make_mesh
 from .._plan import Plan
 from ..checkpoint._preemption import PreemptionGuard
-from ..loggers import Logger, Meter, run_header
+from ..loggers import Logger, Meter, peak_flops_per_device, run_header
 from ..parallel.pipeline import Stage
+from ._batch import ShortBatch
 from ._precision import Precision
 from ._state import TrainState
-from ._step import LossFn, Trainable, TrainStep
+from ._step import CompiledStep, LossFn, Trainable, TrainStep
 
 __all__ = ["Hook", "Trainer"]
 
 Hook = Callable[[int, dict[str, float], "Trainer"], None]
+StopReason = Literal["finished", "data_exhausted", "preempted", "interrupted", "failed"]
 
 
 def _default_mesh(plan: Plan) -> Mesh:
@@ -41,12 +80,47 @@ def _default_mesh(plan: Plan) -> Mesh:
         return make_mesh(jax.devices()[:1], replica=1)
     if len(axes) == 1:
         return make_mesh(None, **{axes[0]: -1})
-    raise TrainerError(
-        f"The plan uses several mesh axes {axes}; Titanax will not guess their sizes.",
+    raise ArgumentError(
+        f"Expected `Trainer(mesh=...)` for a plan over several mesh axes {axes}, got "
+        "None: Titanax will not guess their sizes.",
         suggestion=(
             "Pass `mesh=tx.make_mesh(" + ", ".join(f"{a}=..." for a in axes) + ")`."
         ),
     )
+
+
+def _is_logger(x: Any) -> bool:
+    return all(callable(getattr(x, name, None)) for name in ("header", "log"))
+
+
+def _is_checkpoint(x: Any) -> bool:
+    names = ("save", "should_save", "restore", "latest_step", "wait")
+    return all(callable(getattr(x, name, None)) for name in names)
+
+
+def _is_pipeline(data: Any) -> bool:
+    """A `titanax.data` pipeline: it resumes at a sample, in O(1)."""
+    return callable(getattr(data, "batches", None)) and isinstance(
+        getattr(data, "global_batch_size", None), int
+    )
+
+
+def _check_data(data: Any) -> None:
+    if _is_pipeline(data):
+        return
+    if isinstance(data, Mapping | np.ndarray | jax.Array | str | bytes) or not (
+        isinstance(data, Iterable)
+    ):
+        one = isinstance(data, Mapping | np.ndarray | jax.Array)
+        raise ArgumentError(
+            f"`fit(data=...)` expected an iterable of batches (or a `titanax.data` "
+            f"pipeline), got {got(data)}"
+            + (": that looks like one batch." if one else "."),
+            suggestion=(
+                "Pass a list or generator of batches, e.g. `fit([batch], steps=10)` or "
+                "`fit(tx.data.Loader(...))`."
+            ),
+        )
 
 
 class Trainer:
@@ -64,23 +138,44 @@ class Trainer:
         `(path, leaf) -> bool`).
     - `precision`: `tx.Precision.fp32()` (default), `.bf16()` or `.fp16()`.
     - `checkpoint`: a `tx.OrbaxCheckpoint`, saved every `checkpoint.every` steps, at
-        the end, on `KeyboardInterrupt` and on SIGTERM.
+        the end, on `KeyboardInterrupt`, on SIGTERM, and before a data error
+        propagates.
     - `loggers`: `tx.loggers.Basic()`, `CSV(...)`, `TensorBoard(...)`, ...
     - `log_every`: fetch and log metrics every this many steps.
     - `seed`: the run's PRNG seed (model init and step keys).
-    - `continue_on_error`: `False` re-raises a failing step as `TrainerError` naming
-        the step; `True` warns and goes on with the next batch.
-    - `on_nonfinite`: `"raise"` (default) raises `TrainerError` at the next log step
-        or checkpoint, naming the first step whose loss or gradients were not finite;
-        no checkpoint is saved after it (`trainer.state` holds its non-finite update:
-        resume from the last checkpoint). `"skip"` skips such steps on device (the
-        state is kept, at the cost of a select per step) and goes on.
+    - `continue_on_error`: `False` (default): a failing step or a bad batch raises
+        (`StepFailedError`, `BatchError`) with the state intact. `True`: warn, skip
+        the batch (its rows still count in `data_position`) and go on; more than
+        `max_consecutive_failures` failures in a row raise `StepFailedError` naming
+        the first of them.
+    - `max_consecutive_failures`: the bound for `continue_on_error` (default 10).
+    - `on_nonfinite`: `"raise"` (default) raises `NonFiniteError` at the next log
+        step or checkpoint, naming the first step whose loss or gradients were not
+        finite; no checkpoint is saved after it (`trainer.state` holds its
+        non-finite update: resume from the last checkpoint). `"skip"` skips such
+        steps on device (the state is kept, at the cost of a select per step), warns
+        (`SkippedStepsWarning`), shows the count as `skipped` in the log line, and
+        raises `NonFiniteError` once more than `max_consecutive_skips` steps in a row
+        were skipped (checked at log steps and before saving).
+    - `max_consecutive_skips`: the bound for `on_nonfinite="skip"` (default 20).
     - `hooks`: callables `hook(step, metrics, trainer)` run at each log step, with
         `trainer.state` current (so a hook may call `trainer.evaluate(...)`).
-    - `tokens_per_sample`, `flops_per_step`: for the meter's tokens/s and MFU.
+    - `tokens_per_sample`: for the meter's tokens/s.
+    - `flops_per_step`: model FLOPs of one step over all devices, for MFU; by default
+        XLA's cost analysis of the compiled step (which counts what actually runs,
+        rematerialisation and optimizer included).
+    - `peak_flops_per_device`: the peak FLOP/s of one device, for MFU; by default
+        from `tx.loggers.peak_flops_per_device` (known GPUs and TPUs; none on CPU,
+        where MFU is then not shown).
     - `mode`: `"jit"` (default) or `"spmd"`: the loss runs per device on its batch
         shard and may call `tx.collectives` (DP plans; see `tx.make_train_step`).
     - `stage`: a `tx.Stage`, required with a `PP` plan (see `tx.make_train_step`).
+
+    Every argument is checked here, before anything is placed or compiled
+    (`ArgumentError`, `PlanError`, ...).
+
+    **Attributes:** `state` (the current `TrainState`, or `None` before the first
+    `fit`/`init_state`), `stop_reason` (why the last `fit` stopped).
 
     !!! Example
         ```python
@@ -105,23 +200,63 @@ class Trainer:
         log_every: int = 10,
         seed: int = 0,
         continue_on_error: bool = False,
+        max_consecutive_failures: int = 10,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        max_consecutive_skips: int = 20,
         hooks: Sequence[Hook] = (),
         tokens_per_sample: int | None = None,
         flops_per_step: float | None = None,
+        peak_flops_per_device: float | None = None,
         mode: Literal["jit", "spmd"] = "jit",
         stage: Stage | None = None,
     ):
-        if not isinstance(plan, Plan):
-            raise TrainerError(
-                f"`plan` must be a `tx.Plan`, got {type(plan).__name__}.",
-                suggestion="Use e.g. `tx.Plan(dp=tx.DP())`.",
+        expect_model_or_factory(model, "Trainer(model=...)")
+        expect_plan(plan, "Trainer(plan=...)")
+        expect_mesh(mesh, "Trainer(mesh=...)", optional=True)
+        if checkpoint is not None and not _is_checkpoint(checkpoint):
+            raise ArgumentError(
+                f"`Trainer(checkpoint=...)` expected a `tx.OrbaxCheckpoint` or None, "
+                f"got {got(checkpoint)}.",
+                suggestion="Pass `checkpoint=tx.OrbaxCheckpoint(path, every=100)`.",
             )
-        if not isinstance(log_every, int) or log_every < 1:
-            raise TrainerError(
-                f"`log_every` must be an int ≥ 1, got {log_every!r}.",
-                suggestion="Use e.g. `log_every=10`.",
-            )
+        self.loggers = expect_sequence_of(
+            loggers,
+            "Trainer(loggers=...)",
+            _is_logger,
+            "loggers (objects with `header` and `log` methods)",
+            "loggers=[tx.loggers.Basic()]",
+        )
+        self.hooks = expect_sequence_of(
+            hooks,
+            "Trainer(hooks=...)",
+            callable,
+            "functions `hook(step, metrics, trainer)`",
+            "hooks=[lambda step, metrics, trainer: print(step)]",
+        )
+        self.log_every = expect_int(log_every, "Trainer(log_every=...)", minimum=1)
+        self.seed = expect_int(seed, "Trainer(seed=...)", minimum=0)
+        self.continue_on_error = expect_bool(
+            continue_on_error, "Trainer(continue_on_error=...)"
+        )
+        self.max_consecutive_failures = expect_int(
+            max_consecutive_failures, "Trainer(max_consecutive_failures=...)", minimum=1
+        )
+        expect_choice(on_nonfinite, "Trainer(on_nonfinite=...)", ("raise", "skip"))
+        self.max_consecutive_skips = expect_int(
+            max_consecutive_skips, "Trainer(max_consecutive_skips=...)", minimum=1
+        )
+        self.tokens_per_sample = expect_int(
+            tokens_per_sample,
+            "Trainer(tokens_per_sample=...)",
+            minimum=1,
+            optional=True,
+        )
+        self.flops_per_step = expect_number(
+            flops_per_step, "Trainer(flops_per_step=...)"
+        )
+        self.peak_flops_per_device = expect_number(
+            peak_flops_per_device, "Trainer(peak_flops_per_device=...)"
+        )
         self.mesh = mesh if mesh is not None else _default_mesh(plan)
         self.plan = plan
         self.model = model
@@ -132,23 +267,17 @@ class Trainer:
             plan,
             self.mesh,
             trainable=trainable,
-            precision=precision,
+            precision=precision,  # type: ignore[arg-type]
             on_nonfinite=on_nonfinite,
             mode=mode,
             stage=stage,
         )
         self.checkpoint = checkpoint
-        self.loggers = tuple(loggers)
-        self.log_every = log_every
-        self.seed = seed
-        self.continue_on_error = continue_on_error
         self.on_nonfinite = on_nonfinite
-        self.hooks = tuple(hooks)
-        self.tokens_per_sample = tokens_per_sample
-        self.flops_per_step = flops_per_step
         self.state: TrainState | None = None
+        self.stop_reason: StopReason | None = None
         self._header_done = False
-        self._skipped_batches = 0  # batches of failed steps, for the data position
+        self._flops: dict[int, float | None] = {}  # XLA's count, per compiled program
 
     # --- state ----------------------------------------------------------------------
 
@@ -167,202 +296,115 @@ class Trainer:
         epochs: int | None = None,
         *,
         resume: bool | str = False,
+        strict: bool = False,
+        drop_last: bool = True,
     ) -> TrainState:
-        """Train on `data` for `steps` optimizer steps or `epochs` passes.
+        """Train on `data` until `state.step == steps`, or for `epochs` passes.
 
         **Arguments:**
 
         - `data`: an iterable of host batches (PyTrees of numpy arrays with a leading
-            batch dim). On many hosts, each process yields its own slice.
-        - `steps`: how many steps to take (re-iterating `data` as needed).
-        - `epochs`: how many passes over `data` (default 1 when `steps` is None).
+            batch dim; on many hosts, each process yields its own rows), or a
+            `titanax.data` pipeline (it resumes at a sample, in O(1)).
+        - `steps`: the step to train until: a total, not a count for this call
+            (`fit(data, steps=30)` after step 10 takes 20 steps). `data` is
+            re-iterated as needed.
+        - `epochs`: passes over `data` (default 1 when `steps` is None). With both,
+            training stops at whichever comes first.
         - `resume`: `True` restores the latest complete checkpoint of `checkpoint`
-            and continues at its step, RNG stream and data position: the first
-            `state.data_position` batches of `data` (the same stream as the
-            interrupted run) are skipped. Without `resume`, `data` is read from its
-            start.
+            (an empty checkpoint directory starts fresh, with a warning) and
+            continues at its step, RNG stream and data position; `data` must be the
+            same stream as the interrupted run's: its first `state.data_position`
+            samples are skipped (a pipeline starts there directly). A path restores
+            from that checkpoint directory, which must hold one.
+        - `strict`: raise `DataExhaustedError` (after saving) if the data ends
+            before `steps`; by default a `DataExhaustedWarning` says so.
+        - `drop_last`: drop a batch with fewer rows than the first (the partial
+            last batch of an epoch), with a warning; `False`: it raises
+            `BatchError`. Either way the state is intact.
 
-        **Returns:** the final `TrainState` (also kept as `trainer.state`). On
-        `KeyboardInterrupt`, returns the last complete state.
+        **Returns:** the final `TrainState` (also `trainer.state`);
+        `trainer.stop_reason` says why it stopped (`"finished"`, or
+        `"data_exhausted"`).
+
+        **Raises:** `tx.Preempted` after saving a checkpoint, on SIGTERM (a
+        `SystemExit` with exit code 75: the script ends "requeue me");
+        `KeyboardInterrupt` after saving; `BatchError`, `StepFailedError`,
+        `NonFiniteError`, `DataExhaustedError` as described above; an exception of
+        the data iterator itself, after a checkpoint of the last good step.
         """
+        steps = expect_int(steps, "fit(steps=...)", minimum=1, optional=True)
+        epochs = expect_int(epochs, "fit(epochs=...)", minimum=1, optional=True)
+        resume = expect_path_or_bool(resume, "fit(resume=...)")
+        expect_bool(strict, "fit(strict=...)")
+        expect_bool(drop_last, "fit(drop_last=...)")
+        _check_data(data)
         if steps is None and epochs is None:
             epochs = 1
+        self.stop_reason = None
         state = self.init_state()
-        if resume:
+        if resume is not False:
             state = self._resume(state, resume)
         self._log_header()
-        train = self.train_step
-        arrays = train.flatten(state)
-        step = int(jax.device_get(state.step))
-        position = int(jax.device_get(state.data_position))
-        # The states this loop hands out carry its own count of batches: the step
-        # count plus the batches of failed steps skipped under `continue_on_error`
-        # (which the device's count, one per step, does not see).
-        self._skipped_batches = position - step
-        # Only a resumed run skips what the checkpointed run already consumed; a
-        # further `fit` on the same trainer starts at the new data's beginning.
-        stream = _stream(data, epochs, skip=position if resume else 0)
-        end = None if steps is None else step + steps
-        metrics: dict[str, Any] = {}
-        meter: Meter | None = None
-        timer, last_logged = time.perf_counter(), step
-        guard = PreemptionGuard() if self.checkpoint is not None else None
-        # The per-step path below reads locals only: on a dispatch-bound model every
-        # attribute lookup and call shows in the step time.
-        run, checkpoint, log_every = train.step_flat, self.checkpoint, self.log_every
-        try:
-            if guard is not None:
-                guard.__enter__()
-            batch = _next_batch(stream, train)
-            rows = batch[0].shape[0] if batch else 0  # global, on any host count
-            # A first step that compiles is left out of the meter's timing.
-            if not train.compiles_next_step:
-                meter = self._meter(batch_size=rows)
-                timer = time.perf_counter()
-            while batch is not None and (end is None or step < end):
-                try:
-                    arrays, metrics = run(arrays, batch)
-                except (TitanaxError, KeyboardInterrupt):
-                    raise
-                except Exception as e:
-                    self._skip_failed_step(e, step + 1, arrays)
-                    self._skipped_batches += 1
-                    batch = _next_batch(stream, train)
-                    continue
-                step += 1
-                # Read and checked while the step runs; its transfer is part of the
-                # next (asynchronous) dispatch.
-                batch = _next_batch(stream, train)
-                if meter is None:
-                    jax.block_until_ready(metrics)
-                    meter = self._meter(batch_size=rows)
-                    timer, last_logged = time.perf_counter(), step
-                if step % log_every == 0:
-                    self._log(step, metrics, arrays, meter, step - last_logged, timer)
-                    timer, last_logged = time.perf_counter(), step
-                if checkpoint is not None and checkpoint.should_save(step):
-                    self._save_checkpoint(arrays, step)
-                if guard is not None and guard.requested:
-                    # Preempted (SIGTERM): the step finished; save it and stop.
-                    warnings.warn(
-                        f"Preemption signal received; stopping after step {step} "
-                        "and saving a checkpoint.",
-                        stacklevel=2,
-                    )
-                    break
-        except KeyboardInterrupt:
+        first_step = int(jax.device_get(state.step))
+        if steps is not None and first_step >= steps:
             warnings.warn(
-                f"Training interrupted at step {step}; returning the last state.",
+                f"`fit(steps={steps})`: the state is already at step {first_step}; "
+                "nothing to train (`steps` is a total, not a count).",
                 stacklevel=2,
             )
-            self.state = self._state_at(arrays, step)
-            self._final_checkpoint(arrays, step)
-            return self.state
-        finally:
-            if guard is not None:
-                guard.__exit__(None, None, None)
-        self.state = self._state_at(arrays, step)
-        if metrics and step != last_logged and meter is not None:
-            self._log(step, metrics, arrays, meter, step - last_logged, timer)
-        self._check_nonfinite(arrays, step)
-        self._final_checkpoint(arrays, step)
-        return self.state
+            self.stop_reason = "finished"
+            return state
+        position = int(jax.device_get(state.data_position)) if resume else 0
+        loop = _Loop(self, data, epochs, position, drop_last)
+        return loop.run(state, first_step, steps, strict)
 
-    def _skip_failed_step(
-        self, error: Exception, step: int, arrays: list[jax.Array]
-    ) -> None:
-        """Raise `TrainerError` for a failed `step`, or warn and go on
-        (`continue_on_error=True`) if its state was not donated yet."""
-        if not self.continue_on_error:
-            raise TrainerError(
-                f"Step {step} failed: {type(error).__name__}: {error}",
+    # --- checkpoints ----------------------------------------------------------------
+
+    def _resume(self, state: TrainState, resume: bool | str) -> TrainState:
+        checkpoint = self.checkpoint
+        if isinstance(resume, str):
+            from ..checkpoint import OrbaxCheckpoint
+
+            checkpoint = OrbaxCheckpoint(resume)
+            if checkpoint.latest_step() is None:
+                raise CheckpointError(
+                    f"Expected a checkpoint to resume from at `{resume}`, found none.",
+                    path=resume,
+                    suggestion=(
+                        "Check the path (a typo starts nothing), or pass "
+                        "`resume=True` to resume from the Trainer's checkpoint when "
+                        "there is one."
+                    ),
+                )
+        if checkpoint is None:
+            raise ArgumentError(
+                "Expected a checkpoint to resume from with `fit(resume=True)`, got a "
+                "Trainer without `checkpoint=`.",
                 suggestion=(
-                    "Fix the cause above, or pass `continue_on_error=True` to "
-                    "skip failing batches."
+                    "Pass `checkpoint=tx.OrbaxCheckpoint(path)` to the Trainer, or "
+                    "`fit(data, resume=path)`."
                 ),
-            ) from error
-        warnings.warn(
-            f"Step {step} failed and was skipped "
-            f"(continue_on_error=True): {type(error).__name__}: {error}",
-            stacklevel=3,
-        )
-        if any(x.is_deleted() for x in arrays):
-            raise TrainerError(
-                f"Step {step} failed after its state was donated; cannot go on from "
-                "it.",
-                suggestion="Resume from the last checkpoint.",
-            ) from error
+            )
+        if checkpoint.latest_step() is None:
+            warnings.warn(
+                f"`fit(resume=True)`: no checkpoint in {checkpoint!r} yet; starting "
+                "from step 0.",
+                stacklevel=3,
+            )
+            return state
+        restored = checkpoint.restore(state)
+        self.state = restored
+        return restored
 
-    def _meter(self, batch_size: int) -> Meter:
-        return Meter(
-            batch_size=batch_size,
-            tokens_per_sample=self.tokens_per_sample,
-            flops_per_step=self.flops_per_step,
-        )
+    def save(self, state: TrainState, step: int, *, force: bool = False) -> None:
+        """Save `state` (at `step`) to the Trainer's checkpoint, if any."""
+        if self.checkpoint is not None:
+            self.checkpoint.save(
+                state, step=step, force=force, plan=self.plan, mesh=self.mesh
+            )
 
-    def _log(
-        self,
-        step: int,
-        metrics: dict[str, Any],
-        arrays: list[jax.Array],
-        meter: Meter,
-        steps_timed: int,
-        since: float,
-    ) -> None:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - since
-        if steps_timed > 0 and elapsed > 0:
-            host.update(meter.update(steps_timed, elapsed))
-        self._check_nonfinite(arrays, step)
-        for logger in self.loggers:
-            logger.log(step, host)
-        if self.hooks:
-            # Hooks see the current state (e.g. to `evaluate`); it is valid until the
-            # next step, which donates its buffers.
-            self.state = self._state_at(arrays, step)
-        for hook in self.hooks:
-            hook(step, host, self)
-
-    def _state_at(self, arrays: list[jax.Array], step: int) -> TrainState:
-        """The state after `step`, with the data position the loop counted."""
-        state = self.train_step.unflatten(arrays)
-        sharding = state.data_position.sharding
-        position = jax.make_array_from_callback(
-            (), sharding, lambda _: np.asarray(step + self._skipped_batches, np.int32)
-        )
-        return eqx.tree_at(lambda s: s.data_position, state, position)
-
-    def _check_nonfinite(self, arrays: list[jax.Array], step: int) -> None:
-        if self.on_nonfinite != "raise":
-            return
-        first_bad = self._first_bad_step(arrays)
-        if first_bad < 0:
-            return
-        state = self.state = self._state_at(arrays, step)
-        if self.train_step._guarded:  # fp16: the scaler skipped it
-            kept = "that step was skipped (no non-finite value reached the state)"
-        else:
-            kept = "the state includes that step's non-finite update"
-        raise TrainerError(
-            f"The loss or gradients were not finite at step {first_bad + 1}; {kept}. "
-            f"`trainer.state` is the state after step {int(state.step)}; no "
-            "checkpoint was saved after the bad step.",
-            suggestion=(
-                "Resume from the last checkpoint with a lower learning rate, check the "
-                "data near that step, use `precision=tx.Precision.fp32()`, or pass "
-                "`on_nonfinite='skip'` to skip such steps on device."
-            ),
-        )
-
-    def _reached_by_bad_step(self, arrays: list[jax.Array]) -> bool:
-        if self.on_nonfinite != "raise" or self.train_step._guarded:
-            return False
-        return self._first_bad_step(arrays) >= 0
-
-    def _first_bad_step(self, arrays: list[jax.Array]) -> int:
-        """The state's first non-finite step (-1: none); waits for the step."""
-        state = self.train_step.unflatten(arrays)
-        return int(jax.device_get(state.first_bad_step))
+    # --- logging --------------------------------------------------------------------
 
     def _log_header(self) -> None:
         if self._header_done or not self.loggers:
@@ -377,65 +419,37 @@ class Trainer:
         for logger in self.loggers:
             logger.header(info)
 
-    # --- checkpoints ----------------------------------------------------------------
-
-    def _resume(self, state: TrainState, resume: bool | str) -> TrainState:
-        checkpoint = self.checkpoint
-        if isinstance(resume, str):
-            from ..checkpoint import OrbaxCheckpoint
-
-            checkpoint = OrbaxCheckpoint(resume)
-        if checkpoint is None:
-            raise TrainerError(
-                "`fit(resume=True)` needs a checkpoint to resume from.",
-                suggestion=(
-                    "Pass `checkpoint=tx.OrbaxCheckpoint(path)` to the Trainer, or "
-                    "`fit(data, resume=path)`."
-                ),
-            )
-        if checkpoint.latest_step() is None:
-            return state  # nothing saved yet: a fresh start
-        restored = checkpoint.restore(state)
-        self.state = restored
-        self.train_step.flatten(restored)
-        return restored
-
-    def _save_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
-        if self.checkpoint is not None:
-            self._check_nonfinite(arrays, step)  # never save after a bad step
-            self.checkpoint.save(
-                self._state_at(arrays, step),
-                step=step,
-                plan=self.plan,
-                mesh=self.mesh,
-            )
-
-    def _final_checkpoint(self, arrays: list[jax.Array], step: int) -> None:
-        if self.checkpoint is None:
-            return
-        if any(x.is_deleted() for x in arrays):
-            # Interrupted after its state was donated: the last save stays latest.
-            warnings.warn(
-                f"Step {step}'s state was donated when training stopped; not saving "
-                "it. The latest checkpoint is intact.",
-                stacklevel=3,
-            )
-            return
-        if self._reached_by_bad_step(arrays):
-            warnings.warn(
-                f"A non-finite step reached the state before step {step}; not saving "
-                "it. The latest checkpoint is intact.",
-                stacklevel=3,
-            )
-            return
-        self.checkpoint.save(
-            self._state_at(arrays, step),
-            step=step,
-            force=True,
-            plan=self.plan,
-            mesh=self.mesh,
+    def _meter(self, program: CompiledStep, arrays: list[Any], leaves: list[Any]):
+        peak = self.peak_flops_per_device
+        if peak is None:
+            peak = peak_flops_per_device(self.mesh.devices.flat[0])
+        flops = self.flops_per_step
+        if flops is None and peak is not None:
+            flops = self._xla_flops(program, arrays, leaves)
+        return Meter(
+            batch_size=program.batch.rows,
+            tokens_per_sample=self.tokens_per_sample,
+            flops_per_step=flops,
+            peak_flops=peak * self.mesh.size if peak is not None else None,
         )
-        self.checkpoint.wait()
+
+    def _xla_flops(self, program: CompiledStep, arrays: list[Any], leaves: list[Any]):
+        """FLOPs of one step over all devices: XLA's cost analysis of the compiled
+        step (per device) times the devices. Called after the first step: the
+        lowering and compilation are jit's cached ones."""
+        key = id(program)
+        if key not in self._flops:
+            try:
+                cost = program.lower(arrays, leaves).compile().cost_analysis()
+            except Exception:  # a backend without cost analysis: no MFU, no error
+                cost = None
+            if isinstance(cost, list | tuple):
+                cost = cost[0] if cost else None
+            flops = cost.get("flops") if isinstance(cost, Mapping) else None
+            self._flops[key] = (
+                float(flops) * self.mesh.size if flops and flops > 0 else None
+            )
+        return self._flops[key]
 
     # --- evaluation and reports -----------------------------------------------------
 
@@ -448,21 +462,23 @@ class Trainer:
         training batch size); means are weighted by rows. The loss is called with
         `key=None` (no dropout).
         """
+        _check_data(data)
+        expect_int(max_batches, "evaluate(max_batches=...)", minimum=1, optional=True)
         state = self.init_state()
         totals: dict[str, Any] = {}
         rows = batches = 0
         for batch in data:
             if max_batches is not None and batches >= max_batches:
                 break
-            n = int(jax.tree.leaves(batch)[0].shape[0])
             metrics = self.train_step.evaluate(state, batch)
+            n = int(jax.tree.leaves(batch)[0].shape[0]) * jax.process_count()
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value * n
             rows += n
             batches += 1
         if rows == 0:
-            raise TrainerError(
-                "`evaluate` got no batches.",
+            raise ArgumentError(
+                "Expected `evaluate(data=...)` to yield at least one batch, got none.",
                 suggestion="Pass a non-empty iterable of batches.",
             )
         return {k: float(v) / rows for k, v in jax.device_get(totals).items()}
@@ -471,43 +487,424 @@ class Trainer:
         """`tx.explain` for this run: parameter rows, per-device bytes of parameters,
         gradients and optimizer state, and the collectives of the compiled step."""
         state = self.init_state()
-        hlo = self.train_step.lower(state, batch).compile().as_text()
-        trainable = jax.tree.map(
-            lambda x, keep: x if keep else None,
-            state.model,
-            self.train_step._mask,
-        )
+        program = self.train_step.compile(state, batch)
+        hlo = program.lower(program.flatten(state), program.place(batch))
+        spec = jax.tree.unflatten(jax.tree.structure(state.model), list(program.mask))
         return explain(
             state.model,
             self.plan,
             self.mesh,
-            hlo_text=hlo,
+            hlo_text=hlo.compile().as_text(),
             extra_bytes_per_device={
-                "grads": bytes_per_device(trainable),
+                "grads": bytes_per_device(eqx.filter(state.model, spec)),
                 "optimizer state": bytes_per_device(state.opt_state),
             },
         )
 
 
-def _stream(data: Iterable[Any], epochs: int | None, skip: int) -> Iterator[Any]:
-    """Batches of `data`, for `epochs` passes (forever if None), skipping `skip`."""
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        produced = False
-        for batch in data:
-            produced = True
-            if skip > 0:
-                skip -= 1
+class _DataFailed(Exception):
+    """The data iterator raised (`__cause__`); raised out of `_Loop.read`."""
+
+
+class _Loop:
+    """One `fit` call: the loop's host-side state, in one place.
+
+    The per-step path (`run`'s while loop) reads locals only: on a dispatch-bound
+    model every attribute lookup and call shows in the step time.
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        data: Any,
+        epochs: int | None,
+        position: int,
+        drop_last: bool,
+    ):
+        self.trainer = trainer
+        self.data = data
+        self.epochs = epochs
+        self.position = position  # samples to skip (resume)
+        self.drop_last = drop_last
+        self.program: CompiledStep | None = None
+        self.arrays: list[Any] = []
+        self.batches_read = 0
+        self.dropped = 0
+        self.skipped_reported = 0
+
+    # --- reading ------------------------------------------------------------------
+
+    def stream(self) -> Iterator[Any]:
+        """The raw batches: a pipeline from the resume position, or `epochs` passes
+        over an iterable (forever if None)."""
+        trainer, data = self.trainer, self.data
+        if _is_pipeline(data):
+            start, self.position = self.position, 0  # the pipeline skips itself
+            yield from data.batches(start, trainer.plan, trainer.mesh)  # type: ignore[attr-defined]
+            return
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            produced = False
+            for batch in data:
+                produced = True
+                yield batch
+            epoch += 1
+            if not produced or iter(data) is data:
+                return  # empty, or a one-shot iterator that cannot be replayed
+
+    def read(self, source: Iterator[Any]) -> Any:
+        """The next raw batch, or None at the end of the data."""
+        try:
+            batch = next(source)
+        except StopIteration:
+            return None
+        except Exception as e:
+            raise _DataFailed() from e
+        self.batches_read += 1
+        return batch
+
+    def skip_consumed(self, source: Iterator[Any], batch: Any, rows: int) -> Any:
+        """Resume on a plain iterable: skip the batches the checkpointed run
+        consumed (its full batches; partial ones it dropped are skipped uncounted)."""
+        full = self.position // rows
+        local_rows = _rows(batch)
+        while full > 0 and batch is not None:
+            if not (self.drop_last and _rows(batch) < local_rows):
+                full -= 1
+            batch = self.read(source)
+        return batch
+
+    # --- the loop -----------------------------------------------------------------
+
+    def run(
+        self, state: TrainState, step: int, end: int | None, strict: bool
+    ) -> TrainState:
+        trainer = self.trainer
+        source = self.stream()
+        guard = PreemptionGuard() if trainer.checkpoint is not None else None
+        try:
+            if guard is not None:
+                guard.__enter__()
+            batch = self.read(source)
+            if batch is None:
+                raise ArgumentError(
+                    "Expected `fit(data=...)` to yield at least one batch, got none.",
+                    suggestion="Check the data source; pass a non-empty iterable.",
+                )
+            program = self.program = trainer.train_step.compile(state, batch)
+            self.arrays = program.flatten(state)
+            rows = program.batch.rows
+            if self.position:
+                batch = self.skip_consumed(source, batch, rows)
+            step = self.loop(source, batch, step, end, guard)
+        except KeyboardInterrupt:
+            self.finish("interrupted", step_of(self))
+            raise
+        except _DataFailed as failed:
+            error = failed.__cause__
+            assert error is not None
+            self.finish("failed", step_of(self))
+            error.add_note(
+                f"Titanax: the data iterator raised after {self.batches_read} "
+                f"batches; the state after step {step_of(self)} is in "
+                "`trainer.state`"
+                + (" and was checkpointed." if trainer.checkpoint else ".")
+            )
+            raise error from None
+        except Preempted:
+            raise
+        except BaseException:
+            self.trainer.stop_reason = "failed"
+            self.keep_state()
+            raise
+        finally:
+            if guard is not None:
+                guard.__exit__(None, None, None)
+        return self.state_after(step, end, strict)
+
+    def loop(
+        self,
+        source: Iterator[Any],
+        batch: Any,
+        step: int,
+        end: int | None,
+        guard: PreemptionGuard | None,
+    ) -> int:
+        trainer = self.trainer
+        program = self.program
+        assert program is not None
+        run, check = program.run, program.leaves
+        checkpoint, log_every = trainer.checkpoint, trainer.log_every
+        drop_last, continue_on_error = self.drop_last, trainer.continue_on_error
+        arrays = self.arrays
+        metrics: dict[str, Any] = {}
+        meter: Meter | None = None
+        timer, last_logged = time.perf_counter(), step
+        failures: list[BaseException] = []  # consecutive
+        while batch is not None and (end is None or step < end):
+            try:
+                leaves = check(batch)
+                arrays, metrics = run(arrays, leaves)
+            except ShortBatch as e:
+                if not drop_last:
+                    raise
+                self.dropped += 1
+                if self.dropped == 1:
+                    warnings.warn(
+                        f"Dropped a partial batch ({e.message}); "
+                        "`fit(drop_last=False)` raises instead.",
+                        stacklevel=4,
+                    )
+                batch = self.read(source)
                 continue
-            yield batch
-        epoch += 1
-        if not produced or iter(data) is data:
-            return  # empty, or a one-shot iterator that cannot be replayed
+            except (TitanaxError, KeyboardInterrupt) as e:
+                if not (continue_on_error and isinstance(e, BatchError)):
+                    raise
+                arrays = self.failed(e, step, arrays, failures)
+                batch = self.read(source)
+                continue
+            except Exception as e:
+                if not continue_on_error:
+                    self.arrays = arrays
+                    raise StepFailedError(
+                        f"Step {step + 1} failed: {type(e).__name__}: {e}",
+                        suggestion=(
+                            "Fix the cause above, or pass `continue_on_error=True` to "
+                            "skip failing batches."
+                        ),
+                    ) from e
+                arrays = self.failed(e, step, arrays, failures)
+                batch = self.read(source)
+                continue
+            failures.clear()
+            step += 1
+            self.arrays = arrays
+            if meter is None:
+                # The first step (which may have compiled) is left out of the
+                # meter's timing.
+                jax.block_until_ready(metrics)
+                meter = trainer._meter(program, arrays, leaves)
+                timer, last_logged = time.perf_counter(), step
+            # Read and checked while the step runs; its transfer is part of the next
+            # (asynchronous) dispatch.
+            batch = self.read(source)
+            if step % log_every == 0:
+                self.log(step, metrics, meter, step - last_logged, timer)
+                timer, last_logged = time.perf_counter(), step
+            if checkpoint is not None and checkpoint.should_save(step):
+                self.check_nonfinite(step)  # never save after a bad step
+                trainer.save(self.current(step), step)
+            if guard is not None and guard.requested:
+                self.preempted(step)
+        if metrics and step != last_logged and meter is not None:
+            self.log(step, metrics, meter, step - last_logged, timer)
+        return step
+
+    # --- failures -----------------------------------------------------------------
+
+    def failed(
+        self,
+        error: BaseException,
+        step: int,
+        arrays: list[Any],
+        failures: list[BaseException],
+    ) -> list[Any]:
+        """`continue_on_error`: warn, count the batch as consumed, and go on, up to
+        `max_consecutive_failures` in a row."""
+        trainer = self.trainer
+        program = self.program
+        assert program is not None
+        if any(x.is_deleted() for x in arrays):
+            self.arrays = arrays
+            raise StepFailedError(
+                f"Step {step + 1} failed after its state was donated to it: "
+                f"{type(error).__name__}: {error}",
+                suggestion="Resume from the last checkpoint (`fit(..., resume=True)`).",
+            ) from error
+        failures.append(error)
+        warnings.warn(
+            f"Step {step + 1} failed and its batch was skipped "
+            f"(continue_on_error=True; {len(failures)} in a row): "
+            f"{type(error).__name__}: {error}",
+            stacklevel=5,
+        )
+        state = program.unflatten(arrays)
+        state = eqx.tree_at(
+            lambda s: s.data_position,
+            state,
+            state.data_position + program.batch.rows,
+        )
+        arrays = self.arrays = program.flatten(state)
+        if len(failures) >= trainer.max_consecutive_failures:
+            first = failures[0]
+            raise StepFailedError(
+                f"{len(failures)} consecutive steps failed (max_consecutive_failures="
+                f"{trainer.max_consecutive_failures}); the first, at step "
+                f"{step + 1}: {type(first).__name__}: {first}",
+                suggestion=(
+                    "Every batch fails: fix the cause of the first failure (the data, "
+                    "the loss) instead of skipping."
+                ),
+            ) from first
+        return arrays
+
+    def check_nonfinite(self, step: int) -> dict[str, int]:
+        """Raise `NonFiniteError` per `on_nonfinite`; return the counters."""
+        trainer = self.trainer
+        program = self.program
+        assert program is not None
+        state = program.unflatten(self.arrays)
+        first_bad, bad, streak = (
+            int(x)
+            for x in jax.device_get(
+                (state.first_bad_step, state.bad_steps, state.bad_streak)
+            )
+        )
+        counters = {"bad_steps": bad}
+        if first_bad < 0:
+            return counters
+        if not trainer.train_step.skips_nonfinite:
+            trainer.state = self.current(step)
+            raise NonFiniteError(
+                f"Expected a finite loss and gradients, got non-finite values at step "
+                f"{first_bad + 1}; the state includes that step's non-finite update. "
+                f"`trainer.state` is the state after step {step}; no checkpoint was "
+                "saved after the bad step.",
+                suggestion=(
+                    "Resume from the last checkpoint with a lower learning rate, check "
+                    "the data near that step, use `precision=tx.Precision.fp32()`, or "
+                    "pass `on_nonfinite='skip'` to skip such steps on device."
+                ),
+            )
+        if bad > self.skipped_reported:
+            if self.skipped_reported == 0:
+                warnings.warn(
+                    SkippedStepsWarning(
+                        f"{bad} step(s) up to step {step} had a non-finite loss or "
+                        f"gradients and were skipped (the first: step {first_bad + 1})"
+                        "; the log line's `skipped` counts them."
+                    ),
+                    stacklevel=5,
+                )
+            self.skipped_reported = bad
+        if streak > trainer.max_consecutive_skips:
+            trainer.state = self.current(step)
+            raise NonFiniteError(
+                f"Expected training to recover from non-finite steps, got {streak} "
+                f"skipped in a row up to step {step} (max_consecutive_skips="
+                f"{trainer.max_consecutive_skips}); {bad} skipped in all.",
+                suggestion=(
+                    "Lower the learning rate, check the data and the loss for "
+                    "NaN/inf, or use fp32; resume from the last checkpoint."
+                ),
+            )
+        return counters
+
+    def preempted(self, step: int) -> None:
+        """SIGTERM: save this step, keep the state, raise `Preempted`."""
+        self.finish("preempted", step)
+        raise Preempted(step)
+
+    # --- logging ------------------------------------------------------------------
+
+    def log(
+        self,
+        step: int,
+        metrics: dict[str, Any],
+        meter: Meter | None,
+        steps_timed: int,
+        since: float,
+    ) -> None:
+        trainer = self.trainer
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - since
+        if meter is not None and steps_timed > 0 and elapsed > 0:
+            host.update(meter.update(steps_timed, elapsed))
+        counters = self.check_nonfinite(step)
+        if trainer.train_step.skips_nonfinite:
+            host["skipped"] = float(counters["bad_steps"])
+        for logger in trainer.loggers:
+            logger.log(step, host)
+        if trainer.hooks:
+            # Hooks see the current state (e.g. to `evaluate`); it is valid until the
+            # next step, which donates its buffers.
+            trainer.state = self.current(step)
+        for hook in trainer.hooks:
+            hook(step, host, trainer)
+
+    # --- ending -------------------------------------------------------------------
+
+    def current(self, step: int) -> TrainState:
+        del step
+        program = self.program
+        assert program is not None
+        return program.unflatten(self.arrays)
+
+    def alive(self) -> bool:
+        return bool(self.arrays) and not any(x.is_deleted() for x in self.arrays)
+
+    def keep_state(self) -> None:
+        """After an error: `trainer.state` is the last intact state (None if the
+        failing step had already consumed it)."""
+        if self.program is None:
+            return
+        self.trainer.state = self.current(0) if self.alive() else None
+
+    def finish(self, reason: StopReason, step: int) -> None:
+        """Keep the state and checkpoint it (unless consumed or after a bad step)."""
+        trainer = self.trainer
+        trainer.stop_reason = reason
+        self.keep_state()
+        if trainer.checkpoint is None or self.program is None:
+            return
+        if not self.alive():
+            warnings.warn(
+                f"Step {step}'s state was donated when training stopped; not saving "
+                "it. The latest checkpoint is intact.",
+                stacklevel=4,
+            )
+            return
+        try:
+            self.check_nonfinite(step)
+        except NonFiniteError:
+            warnings.warn(
+                f"A non-finite step reached the state before step {step}; not saving "
+                "it. The latest checkpoint is intact.",
+                stacklevel=4,
+            )
+            return
+        trainer.save(self.current(step), step, force=True)
+        trainer.checkpoint.wait()
+
+    def state_after(self, step: int, end: int | None, strict: bool) -> TrainState:
+        """The normal end: the data ran out, or `step == end`."""
+        trainer = self.trainer
+        exhausted = end is not None and step < end
+        self.check_nonfinite(step)
+        self.finish("data_exhausted" if exhausted else "finished", step)
+        assert trainer.state is not None
+        if exhausted:
+            message = (
+                f"The data ended after {self.batches_read} batches, at step {step} of "
+                f"`steps={end}`."
+            )
+            fix = (
+                "Pass more data (an iterable that can be re-iterated goes on for "
+                "more epochs; a one-shot iterator cannot), or a smaller `steps`."
+            )
+            if strict:
+                raise DataExhaustedError(message, suggestion=fix)
+            warnings.warn(DataExhaustedWarning(f"{message} {fix}"), stacklevel=3)
+        return trainer.state
 
 
-def _next_batch(stream: Iterator[Any], train: TrainStep) -> list[Any] | None:
-    """The next batch's leaves for `step_flat`, or None at the end of the data."""
-    try:
-        return train.step_batch(next(stream))
-    except StopIteration:
-        return None
+def step_of(loop: _Loop) -> int:
+    """The step of the loop's current state (the device's count)."""
+    if loop.program is None or not loop.alive():
+        return -1
+    return int(jax.device_get(loop.program.unflatten(loop.arrays).step))
+
+
+def _rows(batch: Any) -> int:
+    leaves = jax.tree.leaves(batch)
+    return int(np.shape(leaves[0])[0]) if leaves else 0

@@ -11,6 +11,7 @@ from ._axes import logical_axes as logical_axes
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CollectiveError as CollectiveError
 from ._errors import MeshError as MeshError
+from ._errors import ModelError as ModelError
 from ._errors import PipelineError as PipelineError
 from ._errors import PlanError as PlanError
 from ._errors import ShardingError as ShardingError

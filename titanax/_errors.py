@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "CollectiveError",
     "MeshError",
+    "ModelError",
     "PipelineError",
     "PlanError",
     "ShardingError",
@@ -71,3 +72,16 @@ class TrainerError(TitanaxError, RuntimeError):
 
 class PipelineError(PlanError):
     """A pipeline plan does not fit the model, mesh or microbatch count."""
+
+
+# --- plan/axes/sharding errors (the `plan` branch) -----------------------------------
+
+
+class ModelError(ShardingError, TypeError):
+    """The model, or the `key -> Module` function that builds it, is not what Titanax
+    expects: not an `eqx.Module`, a class that needs arguments besides the key, a
+    function taking no key, or a key that is not a PRNG key.
+
+    A `ShardingError` (and so a `ValueError`) for code that caught the earlier error,
+    and a `TypeError`, which is what it is.
+    """

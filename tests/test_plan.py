@@ -1,8 +1,10 @@
-"""Plans: construction, describe, validation, warnings, and a table of bad inputs.
+"""Plans: construction, describe, validation, unused rules (errors and the opt-out),
+and a table of bad inputs.
 
 Every bad input raises its typed error (`MeshError`, `PlanError`, `PipelineError`,
-`ShardingError`) from validation code, before anything is compiled: the table runs
-each case with `jax_log_compiles` on and asserts that no "Compiling" record appears.
+`ShardingError`, `ModelError`) from validation code, before anything is compiled: the
+table runs each case with `jax_log_compiles` on and asserts that no "Compiling" record
+appears.
 """
 
 import contextlib

@@ -257,13 +257,8 @@ class RuleUse:
     matched: tuple[tuple[str, ...], ...]
 
 
-def path_rule_use(model: Any, rules: PathRules) -> RuleUse:
-    """Which arrays of `model` each path rule matches, and which it decides."""
-    paths = tuple(
-        path_str(model, keypath)
-        for keypath, leaf in jax.tree_util.tree_flatten_with_path(model)[0]
-        if is_arraylike(leaf)
-    )
+def path_rule_use(paths: Sequence[str], rules: PathRules) -> RuleUse:
+    """Which of `paths` (a model's array paths) each path rule matches and decides."""
     decided: list[list[str]] = [[] for _ in rules]
     matched: list[list[str]] = [[] for _ in rules]
     for path in paths:
@@ -274,7 +269,7 @@ def path_rule_use(model: Any, rules: PathRules) -> RuleUse:
             if re.search(pattern, path):
                 matched[i].append(path)
     return RuleUse(
-        paths=paths,
+        paths=tuple(paths),
         decided=tuple(tuple(d) for d in decided),
         matched=tuple(tuple(m) for m in matched),
     )

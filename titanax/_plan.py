@@ -434,13 +434,14 @@ class Plan(eqx.Module):
             for (keypath, leaf), names in zip(leaves, logical_leaves, strict=True)
             if is_arraylike(leaf)
         ]
-        self._check_path_rules_used(model)
+        paths = [path for path, _, _ in arrays]
+        self._check_path_rules_used(type(model).__name__, paths)
         names_at: dict[str, str] = {}  # each logical axis name -> its first array
         for path, _, names in arrays:
             for name in tuple(names):
                 if name is not None:
                     names_at.setdefault(name, path)
-        self._check_tp_names_used(names_at, [path for path, _, _ in arrays])
+        self._check_tp_names_used(names_at, paths)
         specs = iter(
             self._leaf_spec(path, leaf, names, mapping, mesh)
             for path, leaf, names in arrays
@@ -521,11 +522,12 @@ class Plan(eqx.Module):
         allowed = self.allow_unused
         return allowed is True or (isinstance(allowed, tuple) and name in allowed)
 
-    def _check_path_rules_used(self, model: Any) -> None:
-        """Each path rule must decide the axes of at least one array of `model`."""
+    def _check_path_rules_used(self, model_name: str, paths: Sequence[str]) -> None:
+        """Each path rule must decide the axes of at least one of the model's arrays
+        (`paths`)."""
         if not self.rules:
             return
-        use = path_rule_use(model, self.rules)
+        use = path_rule_use(paths, self.rules)
         for i, (pattern, axes) in enumerate(self.rules):
             if use.decided[i] or self._allows(pattern):
                 continue
@@ -553,7 +555,7 @@ class Plan(eqx.Module):
             close = _closest_paths(pattern, use.paths)
             raise PlanError(
                 f"Expected path rule {_raw(pattern)} to match an array of "
-                f"`{type(model).__name__}`, got no match among its {len(use.paths)} "
+                f"`{model_name}`, got no match among its {len(use.paths)} "
                 f"array paths at `{where}`; the closest: {_listing(close)}.",
                 path=where,
                 suggestion=(

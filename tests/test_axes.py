@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
 import titanax as tx
+from titanax._axes import path_rule_use
 from titanax._errors import ShardingError
 
 
@@ -338,10 +339,35 @@ def test_field_axes_metadata_stored():
 
 
 @pytest.mark.parametrize(
-    "axes",
-    [pytest.param("embed", id="string"), pytest.param(("embed", 3), id="int-name")],
+    "axes, got",
+    [
+        pytest.param("embed", r"axes=...\)` .* got the str 'embed'", id="string"),
+        pytest.param(
+            ("embed", 3), r"got \('embed', 3\), whose entry 1 is int 3", id="int-name"
+        ),
+        pytest.param(("embed", ""), r"whose entry 1 is an empty name", id="empty-name"),
+        pytest.param(5, r"got int 5", id="int"),
+        pytest.param(
+            {"weight": "mlp"}, r"`tx.field\(axes\['weight'\]=...\)`", id="dict-str"
+        ),
+    ],
 )
-def test_field_rejects_bad_axes(axes):
-    with pytest.raises(ShardingError, match="axes") as info:
+def test_field_rejects_bad_axes(axes, got):
+    with pytest.raises(ShardingError, match=got) as info:
         tx.field(axes=axes)
     assert info.value.suggestion is not None and "axes=" in info.value.suggestion
+
+
+def test_path_rule_use_decided_and_matched():
+    paths = ["M.blocks.w_in", "M.blocks.w_out", "M.head.weight"]
+    rules = [(r"w_", ("a",)), (r"w_in$", ("b",)), (r"head", ("c",)), (r"x", ("d",))]
+    use = path_rule_use(paths, rules)
+    assert use.paths == tuple(paths)
+    assert use.decided == (
+        ("M.blocks.w_in", "M.blocks.w_out"),
+        (),
+        ("M.head.weight",),
+        (),
+    )
+    assert use.matched[1] == ("M.blocks.w_in",)  # matched, but rule 0 decides it
+    assert use.matched[3] == ()

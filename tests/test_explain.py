@@ -165,3 +165,163 @@ def test_dp_step_collectives_from_hlo():
 def test_param_bytes_per_device(name, sizes, plan, per_device):
     report = tx.explain(_mlp(), plan, tx.make_mesh(**sizes))
     assert report.param_bytes_per_device == per_device, name
+
+
+# ------------------------------------------------------------------ None fields
+
+
+class WithNone(eqx.Module):
+    """`None` where arrays could be: a bias-free Linear and an unset optional field."""
+
+    proj: eqx.nn.Linear  # (out=128, in=64), bias None
+    w: Float[Array, "embed mlp"]  # (64, 128)
+    b: Float[Array, "mlp"] | None
+
+
+def _with_none(key):
+    return WithNone(
+        eqx.nn.Linear(64, 128, use_bias=False, key=key),
+        jnp.ones((64, 128)),
+        None,
+    )
+
+
+def _numpy_model(make):
+    """`make(key)` with numpy weights: one trace, no eager op-by-op init (slow)."""
+    abstract = eqx.filter_eval_shape(make, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda x: (
+            rng.standard_normal(x.shape).astype(x.dtype)
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else x
+        ),
+        abstract,
+    )
+
+
+def test_model_with_none_fields():
+    mesh = tx.make_mesh(data=2, model=4)
+    plan = tx.Plan(dp=tx.DP(), tp=tx.TP(rules={"mlp": "model", "out": "model"}))
+    model = _numpy_model(_with_none)
+    report = tx.explain(model, plan, mesh)
+    assert [r.path for r in report.params] == ["WithNone.proj.weight", "WithNone.w"]
+    proj, w = report.params
+    assert proj.logical == ("out", "in") and proj.spec == P("model", None)
+    assert proj.shard_shape == (32, 64) and proj.bytes_per_device == 32 * 64 * 4
+    assert w.spec == P(None, "model") and w.shard_shape == (64, 32)
+    assert report.param_bytes_total == 2 * 64 * 128 * 4
+    assert report.param_bytes_per_device == 2 * 64 * 128 * 4 // 4
+    # The report agrees with the placed arrays, and the table has its two rows.
+    assert bytes_per_device(tx.shard(model, plan, mesh)) == 2 * 64 * 32 * 4
+    rows = [line for line in str(report).splitlines() if line.startswith("WithNone")]
+    assert len(rows) == 2
+    # tx.init builds the model sharded, `None`s kept, values as unsharded.
+    built = tx.init(_with_none, jax.random.key(0), plan, mesh)
+    assert built.proj.bias is None and built.b is None
+    assert built.proj.weight.sharding.spec == P("model", None)
+    reference = eqx.filter_jit(_with_none)(jax.random.key(0))
+    np.testing.assert_array_equal(
+        np.asarray(built.proj.weight), np.asarray(reference.proj.weight)
+    )
+
+
+# ------------------------------------------------------------------ foreign models
+
+
+def _stateful(key):
+    k1, k2 = jax.random.split(key)
+    return eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(3, 8, 3, key=k1),
+            eqx.nn.BatchNorm(8, "batch", mode="batch"),
+            eqx.nn.Lambda(jax.nn.relu),
+            eqx.nn.Linear(8, 16, use_bias=False, key=k2),
+            eqx.nn.Dropout(0.1),
+        ]
+    )
+
+
+# id: (make, plan, mesh sizes, array paths in leaf order)
+FOREIGN = {
+    "eqx-mlp-fsdp8": (
+        lambda k: eqx.nn.MLP(8, 8, 64, 2, key=k),
+        tx.Plan(fsdp=tx.FSDP(min_size=1)),
+        {"data": 8},
+        [f"MLP.layers[{i}].{p}" for i in range(3) for p in ("weight", "bias")],
+    ),
+    "attention-no-bias-tp4": (
+        lambda k: eqx.nn.MultiheadAttention(4, 32, key=k),
+        tx.Plan(dp=tx.DP(), tp=tx.TP()),
+        {"data": 2, "model": 4},
+        [
+            f"MultiheadAttention.{p}_proj.weight"
+            for p in ("query", "key", "value", "output")
+        ],
+    ),
+    "conv-batchnorm-lambda-dropout-fsdp8": (
+        _stateful,
+        tx.Plan(fsdp=tx.FSDP(min_size=1)),
+        {"data": 8},
+        [
+            "Sequential.layers[0].weight",
+            "Sequential.layers[0].bias",
+            "Sequential.layers[1].weight",
+            "Sequential.layers[1].bias",
+            # BatchNorm's state lives in the model as `StateIndex` initial values.
+            "Sequential.layers[1].batch_counter.init",
+            "Sequential.layers[1].batch_state_index.init[0]",
+            "Sequential.layers[1].batch_state_index.init[1]",
+            "Sequential.layers[3].weight",
+        ],
+    ),
+    "gru-no-bias-dp8": (
+        lambda k: eqx.nn.GRUCell(8, 16, use_bias=False, key=k),
+        tx.Plan(dp=tx.DP()),
+        {"data": 8},
+        ["GRUCell.weight_ih", "GRUCell.weight_hh"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_foreign_models(name):
+    """Rows, totals and per-device bytes for `eqx.nn` models as they come: `None`
+    biases, functions and `StateIndex` inside; checked against the placed arrays."""
+    make, plan, sizes, paths = FOREIGN[name]
+    mesh = tx.make_mesh(**sizes)
+    model = _numpy_model(make)
+    report = tx.explain(model, plan, mesh)
+    total = sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(model) if eqx.is_array(x)
+    )
+    assert report.param_bytes_total == total
+    assert [r.path for r in report.params] == paths  # a row per array
+    placed = tx.shard(model, plan, mesh)
+    assert report.param_bytes_per_device == bytes_per_device(placed)
+    assert report.param_bytes_per_device < total or plan.fsdp is None
+    abstract = eqx.filter_eval_shape(make, jax.random.key(0))
+    assert tx.explain(abstract, plan, mesh).params == report.params
+
+
+def test_init_stateful_foreign_model_equals_unsharded():
+    """`eqx.nn.BatchNorm`'s `StateIndex` differs between two traces; `tx.init` still
+    builds the model, each array equal to an unsharded build."""
+
+    def make(key):
+        return eqx.nn.Sequential(
+            [eqx.nn.Linear(8, 16, key=key), eqx.nn.BatchNorm(16, "batch", mode="batch")]
+        )
+
+    mesh = tx.make_mesh(data=8)
+    plan = tx.Plan(fsdp=tx.FSDP(min_size=1))
+    key = jax.random.key(0)
+    model = tx.init(make, key, plan, mesh)
+    assert model.layers[0].weight.sharding.spec == P("data", None)  # out=16 over 8
+    assert model.layers[1].weight.sharding.spec == P("data")
+    reference = eqx.filter_jit(make)(key)
+    got = jax.tree.leaves(eqx.filter(model, eqx.is_array))
+    want = jax.tree.leaves(eqx.filter(reference, eqx.is_array))
+    assert len(got) == len(want) == 7  # Linear 2, BatchNorm 2 + 3 state arrays
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -301,12 +301,14 @@ def test_heads_not_divisible_by_model_size():
     assert err.suggestion and "divides 2" in err.suggestion
 
 
-def test_tp_rule_for_missing_logical_axis_warns():
+def test_tp_rule_for_missing_logical_axis_is_an_error():
     abstract = eqx.filter_eval_shape(lambda k: GPT(PARITY, key=k), jax.random.key(0))
     rules = {"heads": "model", "mlp": "model", "vocab": "model", "hidden": "model"}
     plan = tx.Plan(tp=tx.TP("model", rules=rules))
-    with pytest.warns(UserWarning, match="`hidden`"):
+    with pytest.raises(tx.PlanError, match="Expected TP rule `hidden`") as info:
         plan.validate(_mesh(1, 4), abstract)
+    assert info.value.path == "Plan.tp.rules"
+    tx.Plan(tp=plan.tp, allow_unused=("hidden",)).validate(_mesh(1, 4), abstract)
 
 
 def test_tp_plan_on_mesh_without_model_axis():

@@ -124,12 +124,12 @@ def test_init_places_shards_and_equals_unsharded_init(name):
     device, and exactly the values of an unsharded `MLP(key)`."""
     mesh, plan, expected = _layout(name)
     key = jax.random.key(0)
-    # `tx.init` is `eqx.combine(program(key), static)`; compile the program once here
-    # to read its HLO too.
-    program, static = _init_program(MLP, key, plan, mesh)
-    compiled = program.lower(key).compile()
+    # `tx.init` is `program.build(program.jitted(key))`; compile the program once
+    # here to read its HLO too.
+    program = _init_program(MLP, key, plan, mesh)
+    compiled = program.jitted.lower(key).compile()
     assert collectives(compiled.as_text(), mesh) == []
-    model = eqx.combine(compiled(key), static)
+    model = program.build(compiled(key))
     reference = MLP(key)
     for leaf, (spec, shard_shape) in expected.items():
         x = getattr(model, leaf)

@@ -169,10 +169,16 @@ def test_parity_and_megatron_collectives(foreign):
     assert max(c.bytes for c in ops) < B * T * VOCAB * 4  # 4 activations
 
 
-def test_rule_for_a_missing_logical_axis_warns(foreign):
-    plan = tx.Plan(tp=tx.TP("model", rules={"mlp": "model", "ffn": "model"}))
-    with pytest.warns(UserWarning, match="`ffn`"):
-        plan.validate(_mesh(4), foreign)
+def test_rule_for_a_missing_logical_axis_is_an_error(foreign):
+    tp = tx.TP("model", rules={"mlp": "model", "ffn": "model"})
+    with pytest.raises(tx.PlanError, match="Expected TP rule `ffn`") as info:
+        tx.Plan(tp=tp, rules=RULES).validate(_mesh(4), foreign)
+    assert 'allow_unused=("ffn",)' in (info.value.suggestion or "")
+    # The opt-out keeps the rule; the layout is the one without it.
+    plan = tx.Plan(tp=tp, rules=RULES, allow_unused=("ffn",))
+    specs = tx.shardings(foreign, plan, _mesh(4))
+    assert specs.up.weight.spec == P("model", None)
+    assert specs.attn.query_proj.weight.spec == P(None, None)  # `heads` not mapped
 
 
 def test_attention_heads_split_inside_a_head_is_refused():

@@ -15,6 +15,7 @@ from ._errors import CollectiveError as CollectiveError
 from ._errors import DataExhaustedError as DataExhaustedError
 from ._errors import DataExhaustedWarning as DataExhaustedWarning
 from ._errors import MeshError as MeshError
+from ._errors import ModelError as ModelError
 from ._errors import NonFiniteError as NonFiniteError
 from ._errors import PipelineError as PipelineError
 from ._errors import PlanError as PlanError

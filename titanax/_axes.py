@@ -19,7 +19,7 @@ import dataclasses
 import re
 import sys
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -27,9 +27,21 @@ import jax
 from jax.sharding import PartitionSpec
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
-from ._errors import ShardingError
+from ._checks import describe_value
+from ._errors import ModelError, PlanError, ShardingError
 
-__all__ = ["AxisNames", "field", "is_arraylike", "logical_axes", "path_str"]
+__all__ = [
+    "AxisNames",
+    "RuleUse",
+    "as_path_rules",
+    "axes_problem",
+    "describe_value",
+    "field",
+    "is_arraylike",
+    "logical_axes",
+    "path_rule_use",
+    "path_str",
+]
 
 AxisNames = tuple[str | None, ...]
 PathRules = Sequence[tuple[str, Sequence[str | None]]]
@@ -72,19 +84,177 @@ def field(
     return eqx.field(metadata=metadata, **kwargs)
 
 
+def axes_problem(axes: Any) -> str | None:
+    """What is wrong with `axes` as a tuple of logical axis names, or None if nothing.
+
+    Names are non-empty `str`s, or `None` for an unnamed dim; the tuple itself is a
+    `tuple` or `list` (not a bare string, which would name one dim per character).
+    """
+    if axes is None:
+        return "None"
+    if isinstance(axes, str):
+        return f"the str {axes!r}"
+    if not isinstance(axes, tuple | list):
+        return f"{type(axes).__name__} {axes!r}"
+    for i, name in enumerate(axes):
+        if name is not None and not isinstance(name, str):
+            return f"{tuple(axes)!r}, whose entry {i} is {type(name).__name__} {name!r}"
+        if name == "":
+            return f"{tuple(axes)!r}, whose entry {i} is an empty name"
+    return None
+
+
 def _as_names(axes: Any, where: str) -> AxisNames:
-    if isinstance(axes, str) or not isinstance(axes, Sequence):
+    problem = axes_problem(axes)
+    if problem is not None:
         raise ShardingError(
-            f"`tx.field({where}=...)` expects a tuple of axis names, got {axes!r}.",
+            f"`tx.field({where}=...)` expects a tuple of axis names (str, or None for "
+            f"an unnamed dim), got {problem}.",
             suggestion='Write e.g. `axes=("embed", "mlp")`; None for unnamed dims.',
         )
-    for name in axes:
-        if name is not None and not isinstance(name, str):
-            raise ShardingError(
-                f"Axis names must be str or None, got {name!r} in {tuple(axes)!r}.",
-                suggestion='Write e.g. `axes=("embed", None)`.',
-            )
     return tuple(axes)
+
+
+# --- path rules ---------------------------------------------------------------------
+
+_RULE_EXAMPLE = 'rules=[(r"head\\.weight$", ("vocab", "embed"))]'
+
+
+def as_path_rules(rules: Any) -> tuple[tuple[str, AxisNames], ...]:
+    """Check and normalise path rules `[(regex, axes), ...]` (`Plan(rules=...)`).
+
+    **Returns:** a tuple of `(regex, axes tuple)` pairs; `None` gives `()`.
+
+    **Raises:** `PlanError` naming the rule (`Plan.rules[i]`) for anything else: a bare
+    string, a dict, a single unwrapped pair, an item that is not a pair, a regex that
+    is not a non-empty valid `str`, axes that are not a tuple of names (`None` is not
+    "replicated": write one `None` per dim), or a regex listed twice.
+    """
+    if rules is None:
+        return ()
+    if isinstance(rules, Mapping):
+        values = list(rules.values())
+        tp_like = all(v is None or isinstance(v, str) for v in values)
+        raise PlanError(
+            "`Plan(rules=...)` expects a list of (regex, axes) pairs, got a dict"
+            + (" of logical axis -> mesh axis (TP rules)" if tp_like else "")
+            + ".",
+            path="Plan.rules",
+            suggestion=(
+                f"Map logical axes with `tx.TP(rules={dict(rules)!r})`."
+                if tp_like and values
+                else f"Write a list: `rules={list(rules.items())!r}`."
+            ),
+        )
+    if isinstance(rules, str | bytes) or not isinstance(rules, Iterable):
+        raise PlanError(
+            "`Plan(rules=...)` expects a list of (regex, axes) pairs, got "
+            f"{type(rules).__name__} {rules!r}.",
+            path="Plan.rules",
+            suggestion=f"Write e.g. `{_RULE_EXAMPLE}`.",
+        )
+    items = list(rules)
+    if (
+        len(items) == 2
+        and isinstance(items[0], str)
+        and (items[1] is None or isinstance(items[1], tuple | list))
+    ):
+        raise PlanError(
+            "`Plan(rules=...)` expects a list of (regex, axes) pairs, got a single "
+            f"pair {tuple(items)!r}.",
+            path="Plan.rules",
+            suggestion=f"Wrap it in a list: `rules=[{tuple(items)!r}]`.",
+        )
+    out: list[tuple[str, AxisNames]] = []
+    for i, item in enumerate(items):
+        where = f"Plan.rules[{i}]"
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise PlanError(
+                f"Expected a (regex, axes) pair, got {item!r} at `{where}`.",
+                path=where,
+                suggestion=f"Write e.g. `{_RULE_EXAMPLE}`.",
+            )
+        pattern, axes = item
+        if not isinstance(pattern, str) or not pattern:
+            raise PlanError(
+                "Expected a non-empty regex str as the first item, got "
+                f"{type(pattern).__name__} {pattern!r} at `{where}`.",
+                path=where,
+                suggestion=(
+                    "Write the pattern as a str matched with `re.search` against "
+                    'paths such as `GPT.blocks.w_qkv`, e.g. `r"blocks\\.w_qkv$"`.'
+                ),
+            )
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PlanError(
+                f"Expected a valid regex, got {pattern!r} ({e}) at `{where}`.",
+                path=where,
+                suggestion="Fix the pattern; it is matched with `re.search` on paths.",
+            ) from None
+        problem = axes_problem(axes)
+        if problem is not None:
+            raise PlanError(
+                "Expected a tuple of logical axis names (str, or None for an unnamed "
+                f"dim) as the second item, got {problem} at `{where}` ({pattern!r}).",
+                path=where,
+                suggestion=(
+                    'Name each dim, e.g. `("vocab", "embed")`; to leave a 2-D '
+                    "array replicated, write `(None, None)`."
+                ),
+            )
+        if any(pattern == seen for seen, _ in out):
+            raise PlanError(
+                f"Expected each regex once, got {pattern!r} again at `{where}`; only "
+                "its first rule could ever apply.",
+                path=where,
+                suggestion="Remove the repeated rule.",
+            )
+        out.append((pattern, tuple(axes)))
+    return tuple(out)
+
+
+def _first_rule(path: str, rules: PathRules) -> int | None:
+    """The index of the first rule whose regex is found in `path`: it decides."""
+    for i, (pattern, _) in enumerate(rules):
+        if re.search(pattern, path):
+            return i
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleUse:
+    """Which arrays path rules reach, for the plan's check that each rule is used.
+
+    **Fields:**
+
+    - `paths`: every array path of the model, in leaf order.
+    - `decided`: per rule, the paths whose axes it decides (it matches first).
+    - `matched`: per rule, every path it matches (decided or not).
+    """
+
+    paths: tuple[str, ...]
+    decided: tuple[tuple[str, ...], ...]
+    matched: tuple[tuple[str, ...], ...]
+
+
+def path_rule_use(paths: Sequence[str], rules: PathRules) -> RuleUse:
+    """Which of `paths` (a model's array paths) each path rule matches and decides."""
+    decided: list[list[str]] = [[] for _ in rules]
+    matched: list[list[str]] = [[] for _ in rules]
+    for path in paths:
+        first = _first_rule(path, rules)
+        if first is not None:
+            decided[first].append(path)
+        for i, (pattern, _) in enumerate(rules):
+            if re.search(pattern, path):
+                matched[i].append(path)
+    return RuleUse(
+        paths=tuple(paths),
+        decided=tuple(tuple(d) for d in decided),
+        matched=tuple(tuple(m) for m in matched),
+    )
 
 
 def is_arraylike(x: Any) -> bool:
@@ -228,10 +398,10 @@ def _declared_for_leaf(
     keypath: Sequence[Any],
     rules: PathRules,
 ) -> _Declared | None:
-    path = path_str(root, keypath)
-    for pattern, axes in rules:
-        if re.search(pattern, path):
-            return _Declared(tuple(axes), f"plan rule {pattern!r}")
+    first = _first_rule(path_str(root, keypath), rules)
+    if first is not None:
+        pattern, axes = rules[first]
+        return _Declared(tuple(axes), f"plan rule {pattern!r}")
 
     # Walk down the key path; `hops` records each (module, field) step taken.
     node = root
@@ -324,17 +494,21 @@ def logical_axes(model: Any, rules: PathRules = ()) -> Any:
     array becomes a `PartitionSpec` of logical names (`None` for unnamed dims), each
     non-array `None`.
 
-    **Raises:** `ShardingError` if `model` is not an `eqx.Module`, if a source names
-    more dims than an array has, or if a per-use axes dict names no existing leaf.
+    **Raises:** `ModelError` if `model` is not an `eqx.Module`; `PlanError` for
+    malformed `rules` (see `Plan`); `ShardingError` if a source names more dims than
+    an array has, or if a per-use axes dict names no existing leaf.
     """
     if not isinstance(model, eqx.Module):
-        raise ShardingError(
-            f"Expected an `eqx.Module` as the model, got {type(model).__name__}.",
+        raise ModelError(
+            f"Expected an `eqx.Module` as the model, got {describe_value(model)}.",
             suggestion=(
-                "Wrap your parameters in an `eqx.Module`; for foreign PyTrees, name "
-                "their axes with `Plan(rules=[(regex, axes)])` on such a module."
+                "Pass a built model (for a class or a `key -> Module` function, build "
+                "it sharded with `tx.init(make_model, key, plan, mesh)`); wrap foreign "
+                "PyTrees in an `eqx.Module` and name their axes with "
+                "`Plan(rules=[(regex, axes)])`."
             ),
         )
+    rules = as_path_rules(rules)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
     specs = []
     for keypath, leaf in leaves:
@@ -351,7 +525,7 @@ def logical_axes(model: Any, rules: PathRules = ()) -> Any:
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
-def _iter_modules(node: Any, prefix: tuple[Any, ...] = ()) -> Any:
+def iter_modules(node: Any, prefix: tuple[Any, ...] = ()) -> Any:
     """Every `eqx.Module` inside `node` (itself included), with its key path."""
     yield prefix, node
     children = jax.tree_util.tree_flatten_with_path(
@@ -359,7 +533,7 @@ def _iter_modules(node: Any, prefix: tuple[Any, ...] = ()) -> Any:
     )[0]
     for keypath, child in children:
         if isinstance(child, eqx.Module):
-            yield from _iter_modules(child, (*prefix, *keypath))
+            yield from iter_modules(child, (*prefix, *keypath))
 
 
 def _check_per_use_dicts(model: Any) -> None:
@@ -367,7 +541,7 @@ def _check_per_use_dicts(model: Any) -> None:
 
     Existence, not use: a key overridden by a plan rule or by an outer dict is fine.
     """
-    for keypath, module in _iter_modules(model):
+    for keypath, module in iter_modules(model):
         for f in dataclasses.fields(module):
             meta = f.metadata.get(_AXES_KEY)
             if not isinstance(meta, Mapping):

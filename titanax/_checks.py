@@ -15,7 +15,6 @@ import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, overload
 
-import equinox as eqx
 from jax.sharding import Mesh
 
 from ._errors import ArgumentError, PlanError
@@ -26,21 +25,30 @@ __all__ = [
     "expect_choice",
     "expect_int",
     "expect_mesh",
-    "expect_model_or_factory",
     "expect_number",
     "expect_path_or_bool",
     "expect_plan",
     "expect_sequence_of",
-    "got",
+    "describe_value",
 ]
 
 
-def got(value: Any) -> str:
-    """`value` as an error message shows it: its repr (shortened) and its type."""
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
+def describe_value(x: Any) -> str:
+    """`x` as error messages say what they got: `the class MLP`, `int 3`, ..."""
+    if isinstance(x, type):
+        return f"the class `{x.__qualname__}`"
+    if inspect.isfunction(x) or inspect.ismethod(x):
+        return (
+            "a lambda" if x.__name__ == "<lambda>" else f"the function `{x.__name__}`"
+        )
+    if isinstance(x, tuple | list) and x:
+        inner = ", ".join(type(item).__name__ for item in x)
+        return f"{type(x).__name__} of ({inner})"
+    if isinstance(x, dict):
+        return f"dict with keys {list(x)[:5]}"
+    text = " ".join(repr(x).split())  # one line, even for an Equinox module
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{type(x).__name__} {text}"
 
 
 @overload
@@ -71,7 +79,7 @@ def expect_int(
         bound = f" ≥ {minimum}" if minimum is not None else ""
         none = " or None" if optional else ""
         raise ArgumentError(
-            f"`{where}` expected an int{bound}{none}, got {got(value)}.",
+            f"`{where}` expected an int{bound}{none}, got {describe_value(value)}.",
             suggestion=(
                 f"Pass a whole number{bound}, e.g. `{_example(where, minimum)}`."
             ),
@@ -98,7 +106,7 @@ def expect_number(
     if not ok or (positive and not typing.cast(float, value) > 0):
         raise ArgumentError(
             f"`{where}` expected a number{' > 0' if positive else ''}"
-            f"{' or None' if optional else ''}, got {got(value)}.",
+            f"{' or None' if optional else ''}, got {describe_value(value)}.",
             suggestion="Pass e.g. `1e12`, or leave it out.",
         )
     return float(typing.cast(float, value))
@@ -108,7 +116,7 @@ def expect_bool(value: Any, where: str) -> bool:
     """Exactly `True` or `False` (not 0/1, not a string)."""
     if not isinstance(value, bool):
         raise ArgumentError(
-            f"`{where}` expected True or False, got {got(value)}.",
+            f"`{where}` expected True or False, got {describe_value(value)}.",
             suggestion=f"Pass `{_name(where)}=True` or False.",
         )
     return value
@@ -119,7 +127,7 @@ def expect_choice(value: Any, where: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         options = " or ".join(repr(c) for c in choices)
         raise ArgumentError(
-            f"`{where}` expected {options}, got {got(value)}.",
+            f"`{where}` expected {options}, got {describe_value(value)}.",
             suggestion=f"Use one of {options}.",
         )
     return value
@@ -131,7 +139,7 @@ def expect_callable(value: Any, where: str, form: str, *, optional: bool = False
         return None
     if not callable(value):
         raise ArgumentError(
-            f"`{where}` expected a function `{form}`, got {got(value)}.",
+            f"`{where}` expected a function `{form}`, got {describe_value(value)}.",
             suggestion=f"Pass a function of the form `{form}`.",
         )
     return value
@@ -147,14 +155,15 @@ def expect_sequence_of(
     """A list or tuple whose items all pass `check` (`what` names them)."""
     if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise ArgumentError(
-            f"`{where}` expected a list of {what}, got {got(values)}.",
+            f"`{where}` expected a list of {what}, got {describe_value(values)}.",
             suggestion=f"Pass e.g. `{example}`.",
         )
     items = tuple(values)
     for i, item in enumerate(items):
         if not check(item):
             raise ArgumentError(
-                f"`{where}` expected a list of {what}, got {got(item)} at index {i}.",
+                f"`{where}` expected a list of {what}, got {describe_value(item)} "
+                f"at index {i}.",
                 suggestion=f"Pass e.g. `{example}`.",
             )
     return items
@@ -167,7 +176,8 @@ def expect_path_or_bool(value: Any, where: str) -> bool | str:
     if isinstance(value, str | os.PathLike):
         return os.fspath(value)
     raise ArgumentError(
-        f"`{where}` expected True, False or a checkpoint path, got {got(value)}.",
+        f"`{where}` expected True, False or a checkpoint path, got "
+        f"{describe_value(value)}.",
         suggestion="Pass `resume=True` (the Trainer's checkpoint) or a path.",
     )
 
@@ -178,7 +188,7 @@ def expect_plan(plan: Any, where: str) -> Any:
 
     if not isinstance(plan, Plan):
         raise PlanError(
-            f"`{where}` expected a `tx.Plan`, got {got(plan)}.",
+            f"`{where}` expected a `tx.Plan`, got {describe_value(plan)}.",
             suggestion="Build one, e.g. `tx.Plan(dp=tx.DP())`.",
         )
     return plan
@@ -190,46 +200,7 @@ def expect_mesh(mesh: Any, where: str, *, optional: bool = False) -> Mesh | None
         return None
     if not isinstance(mesh, Mesh):
         raise ArgumentError(
-            f"`{where}` expected a `jax.sharding.Mesh`, got {got(mesh)}.",
+            f"`{where}` expected a `jax.sharding.Mesh`, got {describe_value(mesh)}.",
             suggestion="Build one with `tx.make_mesh(data=-1)`.",
         )
     return mesh
-
-
-_FACTORY_FORM = "lambda key: MyModel(..., key=key)"
-
-
-def expect_model_or_factory(model: Any, where: str) -> Any:
-    """An `eqx.Module`, or a function of one argument (the PRNG key) that builds one.
-
-    A class is a factory only if it can be called with the key alone; a function
-    must take exactly one positional argument. Checked from signatures, without
-    calling anything.
-    """
-    if isinstance(model, eqx.Module):
-        return model
-    if not callable(model):
-        raise ArgumentError(
-            f"`{where}` expected an `eqx.Module` or a `key -> Module` function, got "
-            f"{got(model)}.",
-            suggestion=f"Pass the model, or `{_FACTORY_FORM}`.",
-        )
-    try:
-        signature = inspect.signature(model)
-    except (TypeError, ValueError):  # a builtin without a signature: trust it
-        return model
-    try:
-        signature.bind(object())
-    except TypeError:
-        name = getattr(model, "__name__", type(model).__name__)
-        kind = "class" if isinstance(model, type) else "function"
-        raise ArgumentError(
-            f"`{where}` expected an `eqx.Module` or a `key -> Module` function, got "
-            f"the {kind} `{name}{signature}`, which cannot be called with just a "
-            "PRNG key.",
-            suggestion=(
-                f"Pass an instance, or wrap it: `{_FACTORY_FORM}` (the model is then "
-                "created directly sharded)."
-            ),
-        ) from None
-    return model

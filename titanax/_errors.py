@@ -16,6 +16,7 @@ __all__ = [
     "DataExhaustedWarning",
     "MeshError",
     "NonFiniteError",
+    "ModelError",
     "PipelineError",
     "PlanError",
     "Preempted",
@@ -142,3 +143,16 @@ class Preempted(SystemExit):
             f"Preempted after step {self.step}; a checkpoint of it was saved. "
             f"Exit code {self.exit_code}: rerun with `resume=True` to continue."
         )
+
+
+# --- plan/axes/sharding errors (the `plan` branch) -----------------------------------
+
+
+class ModelError(ShardingError, TypeError):
+    """The model, or the `key -> Module` function that builds it, is not what Titanax
+    expects: not an `eqx.Module`, a class that needs arguments besides the key, a
+    function taking no key, or a key that is not a PRNG key.
+
+    A `ShardingError` (and so a `ValueError`) for code that caught the earlier error,
+    and a `TypeError`, which is what it is.
+    """

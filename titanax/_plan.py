@@ -10,15 +10,24 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._axes import AxisNames, _iter_modules, is_arraylike, logical_axes, path_str
+from ._axes import (
+    AxisNames,
+    as_path_rules,
+    axes_problem,
+    describe_value,
+    is_arraylike,
+    iter_modules,
+    logical_axes,
+    path_rule_use,
+    path_str,
+)
 from ._errors import PipelineError, PlanError
 
 __all__ = ["DP", "FSDP", "PP", "TP", "Plan"]
@@ -84,18 +93,85 @@ class FSDP(eqx.Module):
             )
 
 
-def _as_rule_items(rules: Any) -> tuple[tuple[str, str | None], ...]:
+# Characters of a regex or a PyTree path, never of a logical axis name.
+_PATH_CHARS = frozenset(".*[]()\\^$|+?{}/")
+
+
+def _tp_rules_example(axis: str) -> str:
+    return f'TP(rules={{"mlp": "{axis}", "heads": "{axis}"}})'
+
+
+def _as_rule_items(rules: Any, axis: str) -> tuple[tuple[str, str | None], ...]:
+    """Check and normalise `TP(rules=...)`: logical axis name -> mesh axis or None."""
+    example = _tp_rules_example(axis)
     if isinstance(rules, Mapping):
-        items = tuple(rules.items())
+        items = list(rules.items())
+    elif isinstance(rules, str | bytes) or not isinstance(rules, Iterable):
+        raise PlanError(
+            "`TP(rules=...)` expects a dict of logical axis name -> mesh axis, got "
+            f"{describe_value(rules)}.",
+            path="TP.rules",
+            suggestion=f"Write e.g. `{example}`.",
+        )
     else:
-        items = tuple(tuple(item) for item in rules)
-    for item in items:
-        if len(item) != 2 or not isinstance(item[0], str):
+        items = list(rules)
+    if not items:
+        raise PlanError(
+            "Expected at least one TP rule, got none at `TP.rules`: TP would shard "
+            "nothing.",
+            path="TP.rules",
+            suggestion=f"Write e.g. `{example}`, or leave `tp` out of the plan.",
+        )
+    out: list[tuple[str, str | None]] = []
+    for i, item in enumerate(items):
+        where = f"TP.rules[{i}]"
+        if not isinstance(item, tuple | list) or len(item) != 2:
             raise PlanError(
-                f"TP rules map logical axis names to a mesh axis; got {item!r}.",
-                suggestion='Write e.g. `TP(rules={"mlp": "model", "heads": "model"})`.',
+                f"Expected a (logical axis, mesh axis) pair, got {item!r} at "
+                f"`{where}`.",
+                path=where,
+                suggestion=f"Write e.g. `{example}`.",
             )
-    return items
+        name, mesh_axis = item
+        if isinstance(name, str) and (
+            _PATH_CHARS.intersection(name) or isinstance(mesh_axis, tuple | list)
+        ):
+            axes = tuple(mesh_axis) if isinstance(mesh_axis, tuple | list) else None
+            axes = axes if axes_problem(axes) is None else ("mlp", None)
+            raise PlanError(
+                "Expected a logical axis name (`mlp`, `heads`, ...) as a TP rule, got "
+                f"the path rule {name!r} -> {mesh_axis!r} at `{where}`. TP rules map "
+                "logical axes to the TP mesh axis; path rules belong to the plan.",
+                path=where,
+                suggestion=(
+                    "Name the arrays' axes with the plan's path rules and let TP map "
+                    f'the names: `tx.Plan(tp=tx.TP("{axis}"), rules=[(r"{name}", '
+                    f"{axes!r})])`."
+                ),
+            )
+        if not isinstance(name, str) or not name:
+            raise PlanError(
+                "Expected a logical axis name (a non-empty str) as a TP rule key, got "
+                f"{describe_value(name)} at `{where}`.",
+                path=where,
+                suggestion=f"Write e.g. `{example}`.",
+            )
+        if mesh_axis is not None and not isinstance(mesh_axis, str):
+            raise PlanError(
+                f"Expected the mesh axis `{axis}` or None for TP rule `{name}`, got "
+                f"{describe_value(mesh_axis)} at `{where}`.",
+                path=where,
+                suggestion=f'Write `"{name}": "{axis}"` (shard) or `"{name}": None`.',
+            )
+        if any(name == seen for seen, _ in out):
+            raise PlanError(
+                f"Expected each logical axis once in TP rules, got `{name}` again at "
+                f"`{where}`.",
+                path=where,
+                suggestion=f"Keep one rule for `{name}`.",
+            )
+        out.append((name, mesh_axis))
+    return tuple(out)
 
 
 class TP(eqx.Module):
@@ -122,15 +198,17 @@ class TP(eqx.Module):
         self.axis = axis
         if rules is None:
             rules = {name: axis for name in _DEFAULT_TP_AXES}
-        self.rules = _as_rule_items(rules)
+        # A bad axis is reported by `__check_init__`; examples need a str here.
+        self.rules = _as_rule_items(rules, axis if isinstance(axis, str) else "model")
 
     def __check_init__(self):
         _check_axis_name(self.axis, "TP")
         for logical, mesh_axis in self.rules:
             if mesh_axis not in (self.axis, None):
                 raise PlanError(
-                    f"TP rule `{logical}` → `{mesh_axis}` names a mesh axis other "
-                    f"than the TP axis `{self.axis}`.",
+                    f"Expected the TP axis `{self.axis}` or None for TP rule "
+                    f"`{logical}`, got `{mesh_axis}` at `TP.rules`.",
+                    path="TP.rules",
                     suggestion=f'Map `{logical}` to "{self.axis}" or None.',
                 )
 
@@ -164,28 +242,31 @@ class PP(eqx.Module):
             )
 
 
-def _as_path_rules(rules: Any) -> tuple[tuple[str, AxisNames], ...]:
-    out = []
-    for item in rules:
-        if (
-            not isinstance(item, tuple | list)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or isinstance(item[1], str)
-        ):
+def _as_allow_unused(value: Any) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise PlanError(
+            "`Plan(allow_unused=...)` expects True, False or a tuple of rule names, "
+            f"got {describe_value(value)}.",
+            path="Plan.allow_unused",
+            suggestion=(
+                f"Write `allow_unused=({value!r},)`."
+                if isinstance(value, str)
+                else "Write `allow_unused=True`, or name the rules: "
+                '`allow_unused=("vocab", r"head\\.weight$")`.'
+            ),
+        )
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str):
             raise PlanError(
-                f"Plan path rules are (regex, axes) pairs; got {item!r}.",
-                suggestion='Write e.g. `rules=[(r"head.weight", ("vocab", "embed"))]`.',
+                "`Plan(allow_unused=...)` expects rule names (str), got "
+                f"{describe_value(name)} in {names!r}.",
+                path="Plan.allow_unused",
+                suggestion="Name TP logical axes or path-rule regexes, as written.",
             )
-        try:
-            re.compile(item[0])
-        except re.error as e:
-            raise PlanError(
-                f"Plan path rule {item[0]!r} is not a valid regex: {e}.",
-                suggestion="Fix the pattern; it is matched with `re.search` on paths.",
-            ) from None
-        out.append((item[0], tuple(item[1])))
-    return tuple(out)
+    return names
 
 
 class Plan(eqx.Module):
@@ -199,13 +280,28 @@ class Plan(eqx.Module):
     - `tp`: a `TP`, or `None`.
     - `pp`: a `PP`, or `None`.
     - `rules`: path rules `[(regex, axes), ...]` naming the logical axes of arrays whose
-        paths match; they take priority over every other source.
+        paths match (`re.search` on paths like `GPT.blocks.mlp.w_in`; the first
+        matching rule wins); they take priority over every other source.
+    - `allow_unused`: which rules may match nothing. By default (`False`) every path
+        rule must decide the axes of at least one array, every explicit TP rule must
+        name a logical axis some array has, and with TP's default rules at least one
+        of `mlp`, `heads`, `vocab` must appear (and no near-miss of a missing one, such
+        as `mpl`): otherwise using the plan with a model raises `PlanError`. `True`
+        allows every unused rule; a tuple allows the ones it names, as written (a TP
+        logical axis such as `"vocab"`, or a path-rule regex). Useful for one plan
+        shared by models that differ in some arrays.
 
     !!! Example
         ```python
         plan = tx.Plan(dp=tx.DP("data"), tp=tx.TP("model"))
         plan.validate(mesh, model)
         print(plan.describe())
+
+        # A foreign model: name its arrays' axes by path; TP maps the names.
+        plan = tx.Plan(
+            tp=tx.TP("model"),
+            rules=[(r"head\\.weight$", ("vocab", "embed"))],
+        )
         ```
     """
 
@@ -214,7 +310,10 @@ class Plan(eqx.Module):
     tp: TP | None = eqx.field(static=True, default=None)
     pp: PP | None = eqx.field(static=True, default=None)
     rules: tuple[tuple[str, AxisNames], ...] = eqx.field(
-        static=True, default=(), converter=_as_path_rules
+        static=True, default=(), converter=as_path_rules
+    )
+    allow_unused: bool | tuple[str, ...] = eqx.field(
+        static=True, default=False, converter=_as_allow_unused
     )
 
     def __check_init__(self):
@@ -242,6 +341,20 @@ class Plan(eqx.Module):
                     ),
                 )
             owners.setdefault(part.axis, name)
+        if isinstance(self.allow_unused, tuple):
+            known = [k for k, _ in self.tp.rules] if self.tp is not None else []
+            known += [pattern for pattern, _ in self.rules]
+            for name in self.allow_unused:
+                if name not in known:
+                    close = difflib.get_close_matches(name, known, n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise PlanError(
+                        "Expected `allow_unused` to name this plan's TP logical axes "
+                        f"or path-rule regexes {known}, got {name!r} at "
+                        f"`Plan.allow_unused`.{hint}",
+                        path="Plan.allow_unused",
+                        suggestion="Name a rule exactly as written in the plan.",
+                    )
 
     # --- what the plan maps ---------------------------------------------------------
 
@@ -313,16 +426,29 @@ class Plan(eqx.Module):
         self._check_attention_heads(model, mesh)
         logical = logical_axes(model, self.rules)
         mapping = self.logical_rules()
-        self._warn_unused(logical, mapping)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
         logical_leaves = treedef.flatten_up_to(logical)
-        specs = [
-            self._leaf_spec(path_str(model, path), leaf, names, mapping, mesh)
+        # (path, leaf, logical names) of every array, in leaf order.
+        arrays = [
+            (path_str(model, keypath), leaf, names)
+            for (keypath, leaf), names in zip(leaves, logical_leaves, strict=True)
             if is_arraylike(leaf)
-            else None
-            for (path, leaf), names in zip(leaves, logical_leaves, strict=True)
         ]
-        return jax.tree_util.tree_unflatten(treedef, specs)
+        paths = [path for path, _, _ in arrays]
+        self._check_path_rules_used(type(model).__name__, paths)
+        names_at: dict[str, str] = {}  # each logical axis name -> its first array
+        for path, _, names in arrays:
+            for name in tuple(names):
+                if name is not None:
+                    names_at.setdefault(name, path)
+        self._check_tp_names_used(names_at, paths)
+        specs = iter(
+            self._leaf_spec(path, leaf, names, mapping, mesh)
+            for path, leaf, names in arrays
+        )
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(specs) if is_arraylike(leaf) else None for _, leaf in leaves]
+        )
 
     def shardings(self, model: Any, mesh: Mesh) -> Any:
         """`NamedSharding`s for every array of `model` (`None` for non-arrays)."""
@@ -336,11 +462,18 @@ class Plan(eqx.Module):
     def validate(self, mesh: Mesh, model: Any) -> None:
         """Check this plan against a mesh and a model; raise before any compilation.
 
+        `partition_specs`, `shardings`, `tx.init`, `tx.shard`, `tx.explain` and the
+        Trainer all run these checks; `validate` adds the pipeline's.
+
         **Raises:** `PlanError` for a mesh axis the mesh lacks or a mapped dim the mesh
-        axis size does not divide (naming the path, dim size, axis size and a fix);
-        `PipelineError` when PP is used on a model without a stacked `layers` dim or
-        with layers not divisible by the stages. **Warns** (`UserWarning`) for TP rules
-        or path rules that match nothing in the model.
+        axis size does not divide (naming the path, dim size, axis size and a fix); for
+        a path rule that decides no array's axes (with the closest paths); for an
+        explicit TP rule naming a logical axis no array has, TP's default rules
+        matching no array, or a model axis that is a near-miss of a missing default
+        (`mpl` for `mlp`), each with the closest names (all of these unless
+        `allow_unused` allows the rule). `PipelineError` when PP is used on a model
+        without a stacked `layers` dim or with layers not divisible by the stages.
+        `ModelError` if `model` is not an `eqx.Module`.
         """
         self.partition_specs(model, mesh)
         if self.pp is not None:
@@ -353,7 +486,7 @@ class Plan(eqx.Module):
         if axis is None:
             return
         size = mesh.shape[axis]
-        for keypath, module in _iter_modules(model):
+        for keypath, module in iter_modules(model):
             if (
                 isinstance(module, eqx.nn.MultiheadAttention)
                 and module.num_heads % size
@@ -385,36 +518,127 @@ class Plan(eqx.Module):
                 ),
             )
 
-    def _warn_unused(self, logical: Any, mapping: Mapping[str, str]) -> None:
-        """Warn for TP rules naming logical axes that no parameter has.
+    def _allows(self, name: str) -> bool:
+        allowed = self.allow_unused
+        return allowed is True or (isinstance(allowed, tuple) and name in allowed)
 
-        The default rules name `mlp`, `heads` and `vocab` together, so with them a
-        warning comes only when none matches (TP would shard nothing).
+    def _check_path_rules_used(self, model_name: str, paths: Sequence[str]) -> None:
+        """Each path rule must decide the axes of at least one of the model's arrays
+        (`paths`)."""
+        if not self.rules:
+            return
+        use = path_rule_use(paths, self.rules)
+        for i, (pattern, axes) in enumerate(self.rules):
+            if use.decided[i] or self._allows(pattern):
+                continue
+            where = f"Plan.rules[{i}]"
+            fix_allow = (
+                f"or pass `Plan(..., allow_unused=({_raw(pattern)},))` to keep it"
+            )
+            if use.matched[i]:
+                first = use.matched[i][0]
+                winner = next(
+                    j for j, paths in enumerate(use.decided) if first in paths
+                )
+                raise PlanError(
+                    f"Expected path rule {_raw(pattern)} to decide the axes of an "
+                    f"array, got none at `{where}`: the arrays it matches ("
+                    f"{_listing(use.matched[i])}) are decided by the earlier rule "
+                    f"{_raw(self.rules[winner][0])} (`Plan.rules[{winner}]`), and the "
+                    "first matching rule wins.",
+                    path=where,
+                    suggestion=(
+                        "Put the more specific rule first, or make the earlier regex "
+                        f"narrower; {fix_allow}."
+                    ),
+                )
+            close = _closest_paths(pattern, use.paths)
+            raise PlanError(
+                f"Expected path rule {_raw(pattern)} to match an array of "
+                f"`{model_name}`, got no match among its {len(use.paths)} "
+                f"array paths at `{where}`; the closest: {_listing(close)}.",
+                path=where,
+                suggestion=(
+                    "Fix the regex (matched with `re.search` against paths as shown, "
+                    f"e.g. `({_raw(_escaped_tail(close[0]) if close else 'w$')}, "
+                    f"{axes!r})`), {fix_allow}."
+                ),
+            )
+
+    def _check_tp_names_used(
+        self, names_at: Mapping[str, str], paths: Sequence[str]
+    ) -> None:
+        """TP rules must name logical axes the model has (see `allow_unused`).
+
+        `names_at` maps each logical axis name of the model to its first array path;
+        `paths` are all the model's array paths.
+        Explicit rules must each match; TP's default rules (`mlp`, `heads`, `vocab`)
+        are a menu, so at least one must match and none may be missing while a
+        near-miss of it (`mpl` for `mlp`) is present and unmapped: that is a typo, and
+        TP would leave those arrays replicated.
         """
-        del mapping
-        if self.tp is None:
+        if self.tp is None or self.allow_unused is True:
             return
-        names = {
-            name
-            for spec in jax.tree.leaves(
-                logical, is_leaf=lambda x: isinstance(x, PartitionSpec)
-            )
-            for name in tuple(spec)
-            if name is not None
-        }
+        names = sorted(names_at)
         rule_names = [k for k, _ in self.tp.rules]
-        unused = [k for k in rule_names if k not in names]
-        if self.tp.rules == TP(self.tp.axis).rules and len(unused) < len(rule_names):
+        unused = [k for k in rule_names if k not in names_at]
+        mapped = set(self.logical_rules())
+        # Near-miss candidates: names no rule maps, and not stacking dims.
+        free = [n for n in names if n not in mapped and not n.startswith("layers")]
+        allow = 'or pass `Plan(..., allow_unused=("{name}",))` to keep the rule'
+        if self.tp.rules != TP(self.tp.axis).rules:
+            for name in unused:
+                if self._allows(name):
+                    continue
+                raise PlanError(
+                    f"Expected TP rule `{name}` to name a logical axis of the model, "
+                    f"got none at `Plan.tp.rules`: the model's logical axes are "
+                    f"{names}.{_did_you_mean(name, names, names_at, paths)}",
+                    path="Plan.tp.rules",
+                    suggestion=(
+                        f"Rename the rule, or name the model's dims `{name}` "
+                        "(`tx.field(axes=...)`, a jaxtyping annotation or a plan path "
+                        f"rule), {allow.format(name=name)}."
+                    ),
+                )
             return
-        for logical_name in unused:
-            close = difflib.get_close_matches(logical_name, sorted(names), n=1)
-            hint = f" Did you mean `{close[0]}`?" if close else ""
-            warnings.warn(
-                f"TP rule `{logical_name}` names a logical axis no parameter has; "
-                f"the model's logical axes are {sorted(names)}.{hint}",
-                UserWarning,
-                stacklevel=4,
+        if len(unused) == len(rule_names) and not all(map(self._allows, unused)):
+            hints = "".join(
+                f" Did you mean `{n}` where the model says `{close[0]}` (at "
+                f"`{names_at[close[0]]}`)?"
+                for n in rule_names
+                if (close := difflib.get_close_matches(n, free, n=1))
             )
+            raise PlanError(
+                "Expected the model to name at least one of TP's default logical axes "
+                "(`mlp`, `heads`, `vocab`) at `Plan.tp.rules`, got none (its logical "
+                f"axes are {names}), so TP would shard nothing.{hints}",
+                path="Plan.tp.rules",
+                suggestion=(
+                    "Name the dims TP should split (`tx.field(axes=...)`, a jaxtyping "
+                    'annotation, or `Plan(rules=[(regex, ("mlp", None))])`), or give '
+                    "TP explicit rules for the model's own names, e.g. "
+                    f'`TP(rules={{"{names[0] if names else "mlp"}": '
+                    f'"{self.tp.axis}"}})`; or pass `allow_unused=True`.'
+                ),
+            )
+        for name in unused:
+            # A near-miss is difflib-close and within one character in length: `mpl`
+            # or `head` for `heads`, but not `head_dim`, a different axis.
+            near = [n for n in free if abs(len(n) - len(name)) <= 1]
+            close = difflib.get_close_matches(name, near, n=1)
+            if close and not self._allows(name):
+                raise PlanError(
+                    f"Expected TP's default logical axis `{name}`, got the near-miss "
+                    f"`{close[0]}` at `{names_at[close[0]]}`, which no rule maps, so "
+                    f"it stays replicated. Did you mean `{name}`?",
+                    path=names_at[close[0]],
+                    suggestion=(
+                        f"Rename `{close[0]}` to `{name}` in the model (or the plan's "
+                        f'path rules), or map it: `TP(rules={{"{close[0]}": '
+                        f'"{self.tp.axis}", ...}})`; {allow.format(name=name)}.'
+                    ),
+                )
 
     def _leaf_spec(
         self,
@@ -503,3 +727,60 @@ class Plan(eqx.Module):
         if self.rules:
             parts.append(f"{len(self.rules)} path rule(s)")
         return " | ".join(parts) if parts else "single device (no parallelism)"
+
+
+# --- error text helpers -------------------------------------------------------------
+
+
+def _listing(items: Sequence[str], limit: int = 3) -> str:
+    """`a`, `b`, `c` (+ 4 more)."""
+    shown = ", ".join(f"`{x}`" for x in items[:limit])
+    more = len(items) - limit
+    return shown + (f" (+ {more} more)" if more > 0 else "") if items else "none"
+
+
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _closest_paths(pattern: str, paths: Sequence[str], n: int = 3) -> list[str]:
+    """The `n` array paths most like a regex that matched none of them.
+
+    Compared as text with the regex's escapes and anchors removed, against the whole
+    path and against its last components (rules usually name a path's tail).
+    """
+    text = re.sub(r"\\(.)", r"\1", pattern).strip("^$")
+    depth = text.count(".") + 1
+
+    def score(path: str) -> float:
+        tail = ".".join(path.split(".")[-depth:])
+        return max(_similarity(text, path), _similarity(text, tail))
+
+    return sorted(paths, key=score, reverse=True)[:n]
+
+
+def _raw(pattern: str) -> str:
+    """A regex as Python source, raw when that reads better: `r"head\\.weight$"`."""
+    return f'r"{pattern}"' if '"' not in pattern and "\\" in pattern else repr(pattern)
+
+
+def _escaped_tail(path: str) -> str:
+    """A regex for the last two components of `path`: `head\\.weight$`."""
+    return re.escape(".".join(path.split(".")[-2:])) + "$"
+
+
+def _did_you_mean(
+    name: str, candidates: Sequence[str], at: Mapping[str, str], paths: Sequence[str]
+) -> str:
+    """ " Did you mean `mlp` (at `MLP.w_in`)?", or a note that `name` names an array."""
+    close = difflib.get_close_matches(name, candidates, n=1)
+    if close:
+        return f" Did you mean `{close[0]}` (at `{at[close[0]]}`)?"
+    arrays = [path for path in paths if path.rsplit(".", 1)[-1] == name]
+    if arrays:
+        return (
+            f" `{name}` is the name of an array (`{arrays[0]}`), not a logical axis: "
+            f'name its dims with a path rule, e.g. `Plan(rules=[(r"\\.{name}$", '
+            '("mlp", None))])`.'
+        )
+    return ""

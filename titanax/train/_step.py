@@ -31,12 +31,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .._axes import is_arraylike, path_str
 from .._checks import (
+    describe_value,
     expect_bool,
     expect_callable,
     expect_choice,
     expect_mesh,
     expect_plan,
-    got,
 )
 from .._errors import (
     ArgumentError,
@@ -172,14 +172,15 @@ def _check_stage(stage: Any, plan: Plan) -> None:
     if plan.pp is None:
         if stage is not None:
             raise PipelineError(
-                f"Expected no `stage=` without a `pp` in the plan, got {got(stage)}.",
+                "Expected no `stage=` without a `pp` in the plan, got "
+                f"{describe_value(stage)}.",
                 suggestion="Add `pp=tx.PP(...)` to the plan, or drop `stage=`.",
             )
         return
     if not isinstance(stage, Stage):
         raise PipelineError(
             f"Expected a `tx.Stage` describing the model's pipelined stack (the plan "
-            f"pipelines: {plan.describe()}), got {got(stage)}.",
+            f"pipelines: {plan.describe()}), got {describe_value(stage)}.",
             suggestion=(
                 "Pass `stage=tx.Stage(where=lambda m: m.blocks, pre=..., post=...)`; "
                 "see docs/pipeline.md."
@@ -197,7 +198,7 @@ def _check_optimizer(optimizer: Any, where: str) -> None:
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ArgumentError(
             f"`{where}` expected an `optax.GradientTransformation`, got "
-            f"{got(optimizer)}.",
+            f"{describe_value(optimizer)}.",
             suggestion="Use e.g. `tx.optim.adamw(1e-3)` or `optax.sgd(0.1)`.",
         )
 
@@ -208,7 +209,8 @@ def _check_precision(precision: Any, where: str) -> Precision:
     if not isinstance(precision, Precision):
         name = precision if isinstance(precision, str) else "bf16"
         raise ArgumentError(
-            f"`{where}` expected a `tx.Precision` or None, got {got(precision)}.",
+            f"`{where}` expected a `tx.Precision` or None, got "
+            f"{describe_value(precision)}.",
             suggestion=f"Use `tx.Precision.{name}()` (fp32, bf16 or fp16)."
             if name in ("fp32", "bf16", "fp16")
             else "Use `tx.Precision.fp32()`, `.bf16()` or `.fp16()`.",
@@ -222,7 +224,7 @@ def _check_trainable(trainable: Any, where: str) -> None:
     if isinstance(trainable, str | int | float) or not jax.tree.leaves(trainable):
         raise ArgumentError(
             f"`{where}` expected None, a `(path, leaf) -> bool` function or an "
-            f"Equinox filter spec, got {got(trainable)}.",
+            f"Equinox filter spec, got {describe_value(trainable)}.",
             suggestion="Pass e.g. `trainable=lambda path, x: 'head' in path`.",
         )
 
@@ -293,10 +295,10 @@ class TrainStep:
         """Build the sharded `TrainState` (see the class docstring)."""
         key = jax.random.key(key) if isinstance(key, int) else key
         model_key, run_key = jax.random.split(key)
-        if callable(model) and not isinstance(model, eqx.Module):
-            model = sharded_init(model, model_key, self.plan, self.mesh)
-        else:
+        if isinstance(model, eqx.Module) and not isinstance(model, eqx.Partial):
             model = shard(model, self.plan, self.mesh)
+        else:  # a `key -> Module` function: built directly sharded
+            model = sharded_init(model, model_key, self.plan, self.mesh)
         spec = _mask_spec(model, trainable_mask(model, self.trainable))
         trainable = eqx.filter(model, spec)
         param_shardings = eqx.filter(shardings(model, self.plan, self.mesh), spec)
@@ -448,7 +450,7 @@ def _static_key(leaf: Any) -> Any:
 def _program(ts: TrainStep, state: Any, batch: Any, *, train: bool) -> CompiledStep:
     if not isinstance(state, TrainState):
         raise ArgumentError(
-            f"Expected a `tx.TrainState` (from `init`), got {got(state)}.",
+            f"Expected a `tx.TrainState` (from `init`), got {describe_value(state)}.",
             suggestion="Build the state with `init(model, key)` first.",
         )
     leaves, treedef = jax.tree.flatten(state)

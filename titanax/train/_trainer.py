@@ -34,16 +34,15 @@ import optax
 from jax.sharding import Mesh
 
 from .._checks import (
+    describe_value,
     expect_bool,
     expect_choice,
     expect_int,
     expect_mesh,
-    expect_model_or_factory,
     expect_number,
     expect_path_or_bool,
     expect_plan,
     expect_sequence_of,
-    got,
 )
 from .._errors import (
     ArgumentError,
@@ -60,6 +59,7 @@ from .._errors import (
 from .._explain import Explanation, bytes_per_device, explain
 from .._mesh import make_mesh
 from .._plan import Plan
+from .._sharding import check_model_factory
 from ..checkpoint._preemption import PreemptionGuard
 from ..loggers import Logger, Meter, peak_flops_per_device, run_header
 from ..parallel.pipeline import Stage
@@ -114,7 +114,7 @@ def _check_data(data: Any) -> None:
         one = isinstance(data, Mapping | np.ndarray | jax.Array)
         raise ArgumentError(
             f"`fit(data=...)` expected an iterable of batches (or a `titanax.data` "
-            f"pipeline), got {got(data)}"
+            f"pipeline), got {describe_value(data)}"
             + (": that looks like one batch." if one else "."),
             suggestion=(
                 "Pass a list or generator of batches, e.g. `fit([batch], steps=10)` or "
@@ -210,13 +210,14 @@ class Trainer:
         mode: Literal["jit", "spmd"] = "jit",
         stage: Stage | None = None,
     ):
-        expect_model_or_factory(model, "Trainer(model=...)")
+        if not isinstance(model, eqx.Module) or isinstance(model, eqx.Partial):
+            check_model_factory(model)
         expect_plan(plan, "Trainer(plan=...)")
         expect_mesh(mesh, "Trainer(mesh=...)", optional=True)
         if checkpoint is not None and not _is_checkpoint(checkpoint):
             raise ArgumentError(
                 f"`Trainer(checkpoint=...)` expected a `tx.OrbaxCheckpoint` or None, "
-                f"got {got(checkpoint)}.",
+                f"got {describe_value(checkpoint)}.",
                 suggestion="Pass `checkpoint=tx.OrbaxCheckpoint(path, every=100)`.",
             )
         self.loggers = expect_sequence_of(

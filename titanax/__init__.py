@@ -4,12 +4,14 @@ Models name the logical axes of their arrays; a `Plan` maps logical axes to mesh
 Nothing is guessed: every sharding comes from the model's PyTree and the plan.
 """
 
+from . import data as data
 from . import loggers as loggers
 from . import optim as optim
 from ._axes import field as field
 from ._axes import logical_axes as logical_axes
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CollectiveError as CollectiveError
+from ._errors import DataError as DataError
 from ._errors import MeshError as MeshError
 from ._errors import PipelineError as PipelineError
 from ._errors import PlanError as PlanError

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "CollectiveError",
+    "DataError",
     "MeshError",
     "PipelineError",
     "PlanError",
@@ -71,3 +72,8 @@ class TrainerError(TitanaxError, RuntimeError):
 
 class PipelineError(PlanError):
     """A pipeline plan does not fit the model, mesh or microbatch count."""
+
+
+class DataError(TitanaxError, ValueError):
+    """A data source or pipeline is wrong: a token file, a window, a batch size the
+    data axes do not divide, an empty or non-random-access source."""

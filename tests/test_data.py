@@ -331,13 +331,19 @@ def test_two_epochs_then_the_stream_ends():
     assert list(pipeline.batches(24)) == []  # resuming at the end: nothing left
 
 
-def test_threads_and_worker_processes_read_the_same_batches():
-    reference = _take(Pipeline(_ids(40), 8, seed=3, num_threads=0).batches(5), 6)
-    threads = Pipeline(_ids(40), 8, seed=3, num_threads=3, prefetch=6)
-    with threads.batches(5) as it:
+def test_threads_and_worker_processes_read_the_same_batches(tmp_path):
+    path = tmp_path / "train.bin"
+    (np.arange(2000) % 251).astype(np.uint16).tofile(path)
+
+    def make(**read) -> Pipeline:
+        return Pipeline(TokenWindows(path, 8), 8, seed=3, **read)
+
+    reference = _take(make(num_threads=0).batches(5), 6)
+    assert reference[0]["x"].shape == (8, 8)
+    with make(num_threads=3, prefetch=6).batches(5) as it:
         _assert_batches_equal(_take(it, 6), reference)
-    workers = Pipeline(_ids(40), 8, seed=3, num_workers=2)
-    with workers.batches(5) as it:
+    # Grain's worker processes get the source (its path: they map the file again).
+    with make(num_workers=2).batches(5) as it:
         _assert_batches_equal(_take(it, 6), reference)
 
 

@@ -45,7 +45,7 @@ def _check_count(value: Any, name: str, fix: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def read_samples(source: Any, indices: np.ndarray) -> Any:
+def _read_samples(source: Any, indices: np.ndarray) -> Any:
     """Samples `indices` of `source`, stacked along a new leading dim: one call of
     the source's `read_batch` if it has one (a vectorised gather), else one
     `source[i]` per index."""
@@ -98,7 +98,7 @@ class _BatchReader:
             samples = [g for g in samples if g < self.end]
         indices = self.order.indices(np.array(samples, np.int64))
         if self.mask_key is None:
-            return read_samples(self.source, indices)
+            return _read_samples(self.source, indices)
         return self._padded(indices)
 
     def _padded(self, indices: np.ndarray) -> dict[str, Any]:
@@ -106,7 +106,7 @@ class _BatchReader:
         real = len(indices)
         # A process whose rows are all padding still needs the leaves' shapes.
         shape_of = indices if real else np.zeros(1, np.int64)
-        batch = read_samples(self.source, shape_of)
+        batch = _read_samples(self.source, shape_of)
         if not isinstance(batch, Mapping):
             raise DataError(
                 f"`drop_last=False` pads the last batch and adds a `{self.mask_key}` "

@@ -150,12 +150,19 @@ def test_sklearn_digits_split_and_batches():
     assert train.x.shape[1:] == (8, 8)
     assert set(np.unique(test.y)) == set(range(10))
 
-    batches = data.Batches(train, 40, seed=0)
-    first, second = list(batches), list(batches)
-    assert len(first) == len(batches) == 1437 // 40
+    batches = data.pipeline(train, 40, seed=0)  # a titanax.data.Pipeline
+    stream = batches.batches(0)
+    first = [next(stream) for _ in range(1437 // 40)]
     assert all(b["x"].shape == (40, 8, 8) and b["y"].shape == (40,) for b in first)
-    assert not np.array_equal(first[0]["y"], second[0]["y"])  # reshuffled per pass
-    assert len(data.eval_batches(test, 40)) == 9  # 40 divides 360: every image
+    labels = np.concatenate([b["y"] for b in first])  # 1,400 of the first epoch
+    assert np.abs(np.bincount(labels) - np.bincount(train.y)).max() <= 37
+    second = batches.global_batch(1437)  # the first batch of epoch 1
+    assert not np.array_equal(first[0]["y"], second["y"])  # reshuffled per pass
+    evals = data.pipeline(test, 40, train=False)
+    assert evals.num_batches() == 9  # 40 divides 360: every image
+    np.testing.assert_array_equal(
+        np.concatenate([b["y"] for b in evals]), test.y
+    )  # in order, one pass
 
 
 def _eval_losses(out: str) -> list[tuple[int, float, float]]:

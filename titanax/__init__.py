@@ -4,6 +4,7 @@ Models name the logical axes of their arrays; a `Plan` maps logical axes to mesh
 Nothing is guessed: every sharding comes from the model's PyTree and the plan.
 """
 
+from . import data as data
 from . import loggers as loggers
 from . import optim as optim
 from ._axes import field as field
@@ -12,6 +13,7 @@ from ._errors import ArgumentError as ArgumentError
 from ._errors import BatchError as BatchError
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CollectiveError as CollectiveError
+from ._errors import DataError as DataError
 from ._errors import DataExhaustedError as DataExhaustedError
 from ._errors import DataExhaustedWarning as DataExhaustedWarning
 from ._errors import MeshError as MeshError

@@ -14,6 +14,7 @@ __all__ = [
     "CollectiveError",
     "DataExhaustedError",
     "DataExhaustedWarning",
+    "DataError",
     "MeshError",
     "NonFiniteError",
     "ModelError",
@@ -156,3 +157,8 @@ class ModelError(ShardingError, TypeError):
     A `ShardingError` (and so a `ValueError`) for code that caught the earlier error,
     and a `TypeError`, which is what it is.
     """
+
+
+class DataError(TitanaxError, ValueError):
+    """A data source or pipeline is wrong: a token file, a window, a batch size the
+    data axes do not divide, an empty or non-random-access source."""

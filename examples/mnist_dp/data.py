@@ -1,6 +1,6 @@
 """Digit datasets for the MNIST example: MNIST IDX files or scikit-learn's digits.
 
-Only numpy (and, for the fallback, scikit-learn) is needed; nothing is downloaded.
+Reading needs only numpy (and, for the fallback, scikit-learn); nothing is downloaded.
 
 - `load_mnist(path)` reads the original gzipped IDX files. With the 60,000-image
   training files present (`train-*-ubyte.gz`), it uses MNIST's own train/test split.
@@ -10,17 +10,20 @@ Only numpy (and, for the fallback, scikit-learn) is needed; nothing is downloade
   splits them 80/20, stratified by label, with a fixed seed: 1,437 train, 360 test.
 
 Both return `Split`s of float32 images `(N, H, W)`, standardized with the training
-set's mean and standard deviation, and int32 labels `(N,)`.
+set's mean and standard deviation, and int32 labels `(N,)`. `pipeline(split, ...)`
+turns a split into a `titanax.data.Pipeline` (shuffled per epoch for training, in
+order for evaluation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+import titanax as tx
 
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtypes.
 _IDX_DTYPES = {
@@ -137,34 +140,18 @@ def load_sklearn_digits(seed: int = 0) -> tuple[Split, Split]:
     return _standardize(Split(x_train, y_train), Split(x_test, y_test))
 
 
-class Batches:
-    """Shuffled fixed-size training batches, reshuffled on every pass.
+def pipeline(
+    split: Split, batch: int, *, seed: int = 0, train: bool = True
+) -> tx.data.Pipeline:
+    """A `titanax.data.Pipeline` of `{"x": (batch, H, W), "y": (batch,)}` batches.
 
-    Each `iter()` is one epoch of `{"x": (batch, H, W), "y": (batch,)}` dicts; the
-    last partial batch is dropped so every batch has the same shape (a new shape
-    would recompile the step). The trainer re-iterates for more epochs.
+    Training (`train=True`): every epoch shuffled by `(seed, epoch)`, endless; the
+    trainer reads its own position of the stream (a resumed run continues at the
+    same sample). Evaluation: the split in order, one pass; a last partial batch is
+    dropped (`trainer.evaluate` needs the training batch shape and weights batches
+    by rows).
     """
-
-    def __init__(self, split: Split, batch: int, seed: int = 0):
-        if not 0 < batch <= len(split):
-            raise ValueError(f"batch {batch} must be in 1..{len(split)}.")
-        self.split, self.batch = split, batch
-        self._rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.split) // self.batch
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        order = self._rng.permutation(len(self.split))
-        for i in range(len(self)):
-            idx = order[i * self.batch : (i + 1) * self.batch]
-            yield {"x": self.split.x[idx], "y": self.split.y[idx]}
-
-
-def eval_batches(split: Split, batch: int) -> list[dict[str, np.ndarray]]:
-    """The split in order, in batches of `batch`; a last partial batch is dropped
-    (`trainer.evaluate` needs the training batch shape and averages per batch)."""
-    return [
-        {"x": split.x[i : i + batch], "y": split.y[i : i + batch]}
-        for i in range(0, len(split) - batch + 1, batch)
-    ]
+    source = {"x": split.x, "y": split.y}
+    if train:
+        return tx.data.Pipeline(source, batch, seed=seed)
+    return tx.data.Pipeline(source, batch, shuffle=False, epochs=1)

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 import jax  # noqa: E402
-from data import Batches, eval_batches, load_mnist, load_sklearn_digits  # noqa: E402
+from data import load_mnist, load_sklearn_digits, pipeline  # noqa: E402
 
 import titanax as tx  # noqa: E402
 from models.cnn import CNN  # noqa: E402
@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         log_every=max(1, args.steps // 10),
         seed=args.seed,
     )
-    tests = eval_batches(test, args.batch)
-    n_eval = len(tests) * args.batch
+    tests = pipeline(test, args.batch, train=False)  # in order, one pass
+    n_eval = (tests.num_batches() or 0) * args.batch
     before = trainer.evaluate(tests)
     print(f"before training: test loss {before['loss']:.4f}, ", end="")
     print(f"test accuracy {before['accuracy']:.4f}")
 
-    trainer.fit(Batches(train, args.batch, seed=args.seed), steps=args.steps)
+    # Shuffled by (seed, epoch); the trainer reads it from its data position.
+    trainer.fit(pipeline(train, args.batch, seed=args.seed), steps=args.steps)
 
     after = trainer.evaluate(tests)
     print(f"test loss {after['loss']:.4f}")

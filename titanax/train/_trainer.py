@@ -460,7 +460,9 @@ class Trainer:
         """Mean loss and metrics over `data` under the current state, no update.
 
         Batches may have any leading size the data axes divide (not necessarily the
-        training batch size); means are weighted by rows. The loss is called with
+        training batch size); means are weighted by rows, or by a batch's `"mask"`
+        leaf when it has one (a padded `titanax.data` pipeline: the loss should use
+        the mask too). A pipeline is read from its sample 0. The loss is called with
         `key=None` (no dropout).
         """
         _check_data(data)
@@ -468,11 +470,13 @@ class Trainer:
         state = self.init_state()
         totals: dict[str, Any] = {}
         rows = batches = 0
+        if _is_pipeline(data):
+            data = data.batches(0, self.plan, self.mesh, accumulate=False)  # type: ignore[attr-defined]
         for batch in data:
             if max_batches is not None and batches >= max_batches:
                 break
             metrics = self.train_step.evaluate(state, batch)
-            n = int(jax.tree.leaves(batch)[0].shape[0]) * jax.process_count()
+            n = _weight(batch)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value * n
             rows += n
@@ -538,10 +542,9 @@ class _Loop:
     def stream(self) -> Iterator[Any]:
         """The raw batches: a pipeline from the resume position, or `epochs` passes
         over an iterable (forever if None)."""
-        trainer, data = self.trainer, self.data
+        data = self.data
         if _is_pipeline(data):
-            start, self.position = self.position, 0  # the pipeline skips itself
-            yield from data.batches(start, trainer.plan, trainer.mesh)  # type: ignore[attr-defined]
+            yield from self.pipeline_stream(data)
             return
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
@@ -552,6 +555,23 @@ class _Loop:
             epoch += 1
             if not produced or iter(data) is data:
                 return  # empty, or a one-shot iterator that cannot be replayed
+
+    def pipeline_stream(self, data: Any) -> Iterator[Any]:
+        """A `titanax.data` pipeline from the resume position (it starts there in
+        O(1): nothing to skip), for `epochs` passes from its sample 0 if given."""
+        start, self.position = self.position, 0
+        trainer = self.trainer
+        batches = data.batches(start, trainer.plan, trainer.mesh)
+        limit = None
+        if self.epochs is not None:
+            limit = self.epochs * data.samples_per_epoch
+        try:
+            while limit is None or batches.position + data.global_batch_size <= limit:
+                yield next(batches)
+        except StopIteration:
+            return
+        finally:
+            batches.close()  # stops the read-ahead threads
 
     def read(self, source: Iterator[Any]) -> Any:
         """The next raw batch, or None at the end of the data."""
@@ -904,6 +924,15 @@ def step_of(loop: _Loop) -> int:
     if loop.program is None or not loop.alive():
         return -1
     return int(jax.device_get(loop.program.unflatten(loop.arrays).step))
+
+
+def _weight(batch: Any) -> int:
+    """A batch's weight in an average over batches: its global rows, or its mask's
+    true rows (a padded batch)."""
+    mask = batch.get("mask") if isinstance(batch, Mapping) else None
+    if mask is not None:
+        return int(np.sum(np.asarray(mask))) * jax.process_count()
+    return _rows(batch) * jax.process_count()
 
 
 def _rows(batch: Any) -> int:

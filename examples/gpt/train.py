@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     done = 0
     while done < args.steps:
         chunk = min(args.eval_every, args.steps - done)
-        trainer.fit(train.from_index(done), steps=chunk)  # batches done, done + 1..
+        trainer.fit(train.from_index(done), steps=done + chunk)  # steps: a total
         done += chunk
         losses = evaluate(done)
 

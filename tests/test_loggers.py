@@ -241,19 +241,46 @@ class _FakeDevice:
         self.platform, self.device_kind = platform, device_kind
 
 
-def test_peak_flops_per_device():
-    assert (
-        tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H100 80GB HBM3"))
-        == 989e12
-    )
-    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H100 PCIe")) == 756e12
-    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H200")) == 989e12
-    assert (
-        tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA A100-SXM4-80GB"))
-        == 312e12
-    )
-    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "Some Future GPU")) is None
+@pytest.mark.parametrize(
+    "kind, dtype, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.5e12),  # SXM
+        ("NVIDIA H100 80GB HBM3", "fp32", 67e12),
+        ("NVIDIA H100 80GB HBM3", "tf32", 494.5e12),
+        ("NVIDIA H100 PCIe", "bf16", 756.5e12),
+        ("NVIDIA H100 PCIe", "fp32", 51e12),
+        ("NVIDIA H100 NVL", "bf16", 835.5e12),
+        ("NVIDIA H200", "bf16", 989.5e12),
+        ("NVIDIA H200", np.float32, 67e12),
+        ("NVIDIA H200 NVL", "bf16", 835.5e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA A100-SXM4-80GB", "float32", 19.5e12),
+        ("NVIDIA A100 80GB PCIe", "fp16", 312e12),
+        ("NVIDIA B200", "bf16", 2250e12),
+        ("NVIDIA B200", "fp32", 75e12),
+        ("TPU v4", "bf16", 275e12),
+        ("TPU v5 lite", "bf16", 197e12),
+        ("TPU v5", "bf16", 459e12),
+        ("TPU v6 lite", "bf16", 918e12),
+        ("TPU v5 lite", "fp32", None),  # Google publishes no float32 figure
+        ("Some Future GPU", "bf16", None),
+    ],
+)
+def test_peak_flops_per_device(kind, dtype, expected):
+    device = _FakeDevice("tpu" if "TPU" in kind else "gpu", kind)
+    assert tlog.peak_flops_per_device(device, dtype=dtype) == expected
+
+
+def test_peak_flops_per_device_defaults_and_errors():
+    h100 = _FakeDevice("gpu", "NVIDIA H100 80GB HBM3")
+    assert tlog.peak_flops_per_device(h100) == 989.5e12  # bf16 by default
+    assert tlog.peak_flops_per_device(h100, jax.numpy.bfloat16) == 989.5e12
     assert tlog.peak_flops_per_device(jax.devices("cpu")[0]) is None
+    assert tlog.peak_flops_per_device() is None  # the test devices are CPUs
+    # The bf16-only table kept for older callers.
+    assert dict(tlog.PEAK_BF16_FLOPS)["H100 PCIe"] == 756.5e12
+    with pytest.raises(TrainerError, match="Expected `dtype` to be one of 'bf16'"):
+        tlog.peak_flops_per_device(h100, dtype="fp8")
 
 
 def test_versions_and_run_header():

@@ -12,6 +12,7 @@ from ._header import describe_devices as describe_devices
 from ._header import run_header as run_header
 from ._header import versions as versions
 from ._meter import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
+from ._meter import PEAK_FLOPS as PEAK_FLOPS
 from ._meter import Meter as Meter
 from ._meter import peak_flops_per_device as peak_flops_per_device
 from ._tensorboard import TensorBoard as TensorBoard

@@ -4,48 +4,125 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from .._errors import TrainerError
 
-# Dense bf16 peak FLOP/s per device, from vendor datasheets. Matched in order as
-# case-insensitive substrings of `device.device_kind`, so specific names come first.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5", 459e12),  # v5p
-    ("TPU v4", 275e12),
+# Dense peak FLOP/s of ONE device (as JAX counts devices: a GPU, a TPU chip) per
+# compute type, from the vendors' datasheets; no structured sparsity (the datasheets'
+# starred figures are halved). `fp32` is the plain IEEE rate of the vector units;
+# `tf32` is the tensor-core rate that NVIDIA GPUs use for float32 matmuls at JAX's
+# default matmul precision. Google publishes only bf16 (and int8) figures for TPUs:
+# their float32 matmuls at the default precision run as bf16 passes on the MXU, so
+# MFU of a float32 TPU run is measured against the bf16 peak or not at all.
+#
+# Matched in order as case-insensitive substrings of `device.device_kind`, so the
+# specific names come first ("H100 PCIe" before "H100", "v5 lite" before "v5").
+#
+# Sources (dense columns):
+# - H100 SXM / PCIe / NVL: NVIDIA H100 Tensor Core GPU datasheet (2023, "H100 SXM",
+#   "H100 NVL" per GPU, "H100 PCIe"): BF16 1,979 / 1,513 / 1,671 TFLOPS sparse;
+#   TF32 989 / 756 / 835 sparse; FP32 67 / 51 / 60 TFLOPS.
+# - H200 SXM / NVL: NVIDIA H200 Tensor Core GPU datasheet (2024): BF16 1,979 / 1,671
+#   sparse; TF32 989 / 835 sparse; FP32 67 / 60.
+# - A100 (SXM and PCIe, 40 and 80 GB): NVIDIA A100 datasheet: BF16 312 dense
+#   (624 sparse); TF32 156 dense; FP32 19.5.
+# - B200: NVIDIA Blackwell datasheet, HGX B200 column, per GPU: FP16/BF16 4.5
+#   PFLOPS sparse, TF32 2.2 PFLOPS sparse, FP32 75 TFLOPS.
+# - L4: NVIDIA L4 datasheet: BF16 242 sparse, TF32 120 sparse, FP32 30.3.
+# - TPU v4 / v5e / v5p / v6e: Google Cloud TPU system architecture pages, "peak
+#   compute per chip (bf16)": 275 / 197 / 459 / 918 TFLOPS.
+_T = 1e12
+PEAK_FLOPS: tuple[tuple[str, Mapping[str, float]], ...] = (
+    ("H200 NVL", {"bf16": 835.5 * _T, "tf32": 417.5 * _T, "fp32": 60 * _T}),
+    ("H200", {"bf16": 989.5 * _T, "tf32": 494.5 * _T, "fp32": 67 * _T}),
+    ("H100 PCIe", {"bf16": 756.5 * _T, "tf32": 378 * _T, "fp32": 51 * _T}),
+    ("H100 NVL", {"bf16": 835.5 * _T, "tf32": 417.5 * _T, "fp32": 60 * _T}),
+    ("H100", {"bf16": 989.5 * _T, "tf32": 494.5 * _T, "fp32": 67 * _T}),  # SXM
+    ("B200", {"bf16": 2250 * _T, "tf32": 1100 * _T, "fp32": 75 * _T}),
+    ("A100", {"bf16": 312 * _T, "tf32": 156 * _T, "fp32": 19.5 * _T}),
+    ("L4", {"bf16": 121 * _T, "tf32": 60 * _T, "fp32": 30.3 * _T}),
+    ("TPU v6 lite", {"bf16": 918 * _T}),  # v6e (Trillium)
+    ("TPU v6e", {"bf16": 918 * _T}),
+    ("TPU v5 lite", {"bf16": 197 * _T}),  # v5e
+    ("TPU v5e", {"bf16": 197 * _T}),
+    ("TPU v5", {"bf16": 459 * _T}),  # v5p
+    ("TPU v4", {"bf16": 275 * _T}),
 )
 
+# The dense bf16 column alone, as before `PEAK_FLOPS` existed (kept for callers).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = tuple(
+    (name, peaks["bf16"]) for name, peaks in PEAK_FLOPS
+)
 
-def peak_flops_per_device(device: Any = None) -> float | None:
-    """The dense bf16 peak FLOP/s of one device, for MFU.
+# Accepted spellings of each compute type (`jnp.bfloat16` and friends too).
+_DTYPE_NAMES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "bf16",  # the same tensor-core rate as bf16 on every GPU listed
+    "float16": "bf16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "tf32": "tf32",
+}
+
+
+def _compute_type(dtype: object) -> str:
+    if isinstance(dtype, str):
+        name = dtype.lower()
+    else:
+        try:
+            name = np.dtype(dtype).name  # pyright: ignore[reportCallIssue]
+        except TypeError:
+            name = repr(dtype)
+    if name not in _DTYPE_NAMES:
+        raise TrainerError(
+            f"Expected `dtype` to be one of 'bf16', 'fp16', 'fp32', 'tf32' (or a "
+            f"bfloat16/float16/float32 dtype), got {dtype!r} instead.",
+            suggestion="Pass the dtype the step's matmuls run in, e.g. "
+            "`dtype='bf16'` for `tx.Precision.bf16()`.",
+        )
+    return _DTYPE_NAMES[name]
+
+
+def peak_flops_per_device(device: Any = None, dtype: object = "bf16") -> float | None:
+    """The dense peak FLOP/s of one device for one compute type, for MFU.
 
     **Arguments:**
 
     - `device`: a `jax.Device`; `None` means `jax.devices()[0]`.
+    - `dtype`: the type the matmuls run in: `"bf16"` (default; `"fp16"` is the same
+        rate), `"fp32"` (IEEE float32 on the vector units), `"tf32"` (NVIDIA tensor
+        cores: what float32 matmuls use at JAX's default precision on A100 and
+        newer), or a `jnp.bfloat16` / `jnp.float16` / `jnp.float32` dtype.
 
     **Returns:**
 
-    FLOP/s (e.g. `989e12` for an H100 SXM), or `None` for CPUs and devices not in
-    the table (`PEAK_BF16_FLOPS`): pass `peak_flops` to `Meter` yourself then.
+    FLOP/s (e.g. `989.5e12` for an H100 SXM in bf16), or `None` for CPUs, devices not
+    in the table (`PEAK_FLOPS`) and types a vendor publishes no figure for (float32
+    on TPUs): pass `peak_flops` to `Meter` yourself then.
+
+    !!! Example
+
+        ```python
+        peak = tx.loggers.peak_flops_per_device(dtype="bf16")
+        if peak is not None:
+            meter = tx.loggers.Meter(flops_per_step=f, peak_flops=peak * n_devices)
+        ```
     """
+    kind = _compute_type(dtype)
     if device is None:
         device = jax.devices()[0]
     if getattr(device, "platform", None) == "cpu":
         return None
-    kind = str(getattr(device, "device_kind", "")).lower()
-    for name, flops in PEAK_BF16_FLOPS:
-        if name.lower() in kind:
-            return flops
+    device_kind = str(getattr(device, "device_kind", "")).lower()
+    for name, peaks in PEAK_FLOPS:
+        if name.lower() in device_kind:
+            return peaks.get(kind)
     return None
 
 

@@ -76,7 +76,7 @@ def _compute_type(dtype: object) -> str:
         name = dtype.lower()
     else:
         try:
-            name = np.dtype(dtype).name  # pyright: ignore[reportCallIssue]
+            name = np.dtype(dtype).name  # pyright: ignore[reportArgumentType,reportCallIssue]
         except TypeError:
             name = repr(dtype)
     if name not in _DTYPE_NAMES:

@@ -4,12 +4,16 @@ Models name the logical axes of their arrays; a `Plan` maps logical axes to mesh
 Nothing is guessed: every sharding comes from the model's PyTree and the plan.
 """
 
+from . import _distributed as distributed  # noqa: F401  (tx.distributed)
+from . import config as config
 from . import loggers as loggers
 from . import optim as optim
+from . import quickstart as quickstart
 from ._axes import field as field
 from ._axes import logical_axes as logical_axes
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CollectiveError as CollectiveError
+from ._errors import ConfigError as ConfigError
 from ._errors import MeshError as MeshError
 from ._errors import PipelineError as PipelineError
 from ._errors import PlanError as PlanError

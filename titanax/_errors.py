@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "CollectiveError",
+    "ConfigError",
     "MeshError",
     "PipelineError",
     "PlanError",
@@ -71,3 +72,11 @@ class TrainerError(TitanaxError, RuntimeError):
 
 class PipelineError(PlanError):
     """A pipeline plan does not fit the model, mesh or microbatch count."""
+
+
+class ConfigError(TitanaxError, ValueError):
+    """A run config is wrong: a bad type, an unknown key, a missing environment
+    variable, or a model, plan, mesh or data section that do not fit together.
+
+    `path` is the config key (`optimizer.lr`, `plan.tp.axis`); raised before any
+    compilation."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -136,9 +136,43 @@ def _check_positive(value: object, name: str) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True)
+def device_memory(devices: Any = None) -> dict[str, float]:
+    """Device memory in use and its peak, in GB (1e9 bytes), where the backend
+    reports it (GPUs and TPUs do; the CPU backend does not).
+
+    **Arguments:**
+
+    - `devices`: the devices to read; default `jax.local_devices()`.
+
+    **Returns:** `{"memory_gb": ..., "memory_peak_gb": ...}`, the largest over the
+    devices, or `{}` when no device reports memory.
+    """
+    in_use, peak = [], []
+    for device in jax.local_devices() if devices is None else devices:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if not stats:
+            continue
+        if "bytes_in_use" in stats:
+            in_use.append(stats["bytes_in_use"])
+        if "peak_bytes_in_use" in stats:
+            peak.append(stats["peak_bytes_in_use"])
+    out = {}
+    if in_use:
+        out["memory_gb"] = max(in_use) / 1e9
+    if peak:
+        out["memory_peak_gb"] = max(peak) / 1e9
+    return out
+
+
 class Meter:
-    """Turns "`n` steps took `t` seconds" into throughput and MFU.
+    """Turns "`n` steps took `t` seconds" into throughput, MFU and step-time
+    statistics over a rolling window.
+
+    The trainer calls `update(n_steps, elapsed_s)` at each log step with the steps
+    since the last one (never the compiling first step: report that with
+    `record_compile`). Rates are the rolling totals over the last `window` steps,
+    not the last interval alone; `step_time_median_s` and `step_time_p90_s` are
+    over the same window, each step counted at its interval's mean.
 
     **Arguments:**
 
@@ -148,27 +182,62 @@ class Meter:
         over all devices, for `mfu`.
     - `peak_flops`: the peak FLOP/s of all the devices that run the step, e.g.
         `peak_flops_per_device() * jax.device_count()`, for `mfu`.
+    - `window`: how many recent steps the rolling figures cover.
+    - `memory`: add `device_memory()` to each update (a cheap host call).
 
     !!! Example
 
         ```python
         meter = tx.loggers.Meter(batch_size=32, tokens_per_sample=64)
         meter.update(10, 2.0)
-        # {"step_time_s": 0.2, "samples_per_s": 160.0, "tokens_per_s": 10240.0}
+        # {"step_time_s": 0.2, "step_time_median_s": 0.2, "step_time_p90_s": 0.2,
+        #  "samples_per_s": 160.0, "tokens_per_s": 10240.0}
         ```
     """
 
-    batch_size: int | None = None
-    tokens_per_sample: int | None = None
-    flops_per_step: float | None = None
-    peak_flops: float | None = None
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        tokens_per_sample: int | None = None,
+        flops_per_step: float | None = None,
+        peak_flops: float | None = None,
+        *,
+        window: int = 100,
+        memory: bool = False,
+    ):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("tokens_per_sample", tokens_per_sample),
+            ("flops_per_step", flops_per_step),
+            ("peak_flops", peak_flops),
+            ("window", window),
+        ):
+            _check_positive(value, name)
+        self.batch_size = batch_size
+        self.tokens_per_sample = tokens_per_sample
+        self.flops_per_step = flops_per_step
+        self.peak_flops = peak_flops
+        self.window = int(window)
+        self.memory = memory
+        self.compile_s: float | None = None
+        self._intervals: collections.deque[tuple[int, float]] = collections.deque()
+        self._steps_in_window = 0
 
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            _check_positive(getattr(self, field.name), field.name)
+    def record_compile(self, seconds: float) -> dict[str, float]:
+        """Record the first step's compile (and run) time, kept out of the rates.
+
+        **Arguments:**
+
+        - `seconds`: wall-clock seconds of the compiling step.
+
+        **Returns:** `{"compile_time_s": seconds}`, also added to the next update.
+        """
+        _check_positive(seconds, "seconds")
+        self.compile_s = float(seconds)
+        return {"compile_time_s": self.compile_s}
 
     def update(self, n_steps: int, elapsed_s: float) -> dict[str, float]:
-        """The rates over `n_steps` steps that took `elapsed_s` seconds.
+        """The figures after `n_steps` more steps that took `elapsed_s` seconds.
 
         **Arguments:**
 
@@ -177,9 +246,12 @@ class Meter:
 
         **Returns:**
 
-        A dict with `step_time_s`, and `samples_per_s` (with `batch_size`),
-        `tokens_per_s` (with `batch_size` and `tokens_per_sample`) and `mfu` (with
-        `flops_per_step` and `peak_flops`, as a fraction of 1).
+        A dict with `step_time_s` (this interval's mean), `step_time_median_s` and
+        `step_time_p90_s` (over the window), and over the window `samples_per_s`
+        (with `batch_size`), `tokens_per_s` (with `tokens_per_sample` too), `mfu`
+        (with `flops_per_step` and `peak_flops`, a fraction of 1); `compile_time_s`
+        once after `record_compile`; `memory_gb` and `memory_peak_gb` with
+        `memory=True` where the backend reports them.
         """
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
             raise TrainerError(
@@ -188,12 +260,33 @@ class Meter:
             )
         _check_positive(elapsed_s, "elapsed_s")
         elapsed_s = float(elapsed_s)
-        out = {"step_time_s": elapsed_s / n_steps}
+        self._intervals.append((n_steps, elapsed_s))
+        self._steps_in_window += n_steps
+        # Keep the newest intervals that cover `window` steps (at least one).
+        while (
+            len(self._intervals) > 1
+            and self._steps_in_window - self._intervals[0][0] >= self.window
+        ):
+            self._steps_in_window -= self._intervals.popleft()[0]
+        steps = self._steps_in_window
+        seconds = sum(t for _, t in self._intervals)
+        per_step = np.repeat(
+            [t / n for n, t in self._intervals], [n for n, _ in self._intervals]
+        )
+        out = {
+            "step_time_s": elapsed_s / n_steps,
+            "step_time_median_s": float(np.median(per_step)),
+            "step_time_p90_s": float(np.percentile(per_step, 90)),
+        }
         if self.batch_size is not None:
-            out["samples_per_s"] = self.batch_size * n_steps / elapsed_s
+            out["samples_per_s"] = self.batch_size * steps / seconds
             if self.tokens_per_sample is not None:
                 out["tokens_per_s"] = out["samples_per_s"] * self.tokens_per_sample
         if self.flops_per_step is not None and self.peak_flops is not None:
-            achieved = self.flops_per_step * n_steps / elapsed_s
-            out["mfu"] = achieved / self.peak_flops
+            out["mfu"] = self.flops_per_step * steps / seconds / self.peak_flops
+        if self.compile_s is not None:
+            out["compile_time_s"] = self.compile_s
+            self.compile_s = None
+        if self.memory:
+            out.update(device_memory())
         return out

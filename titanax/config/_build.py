@@ -27,7 +27,14 @@ from ._load import config_to_dict
 from ._presets import PRESETS
 from ._schema import Config, PlanConfig
 
-__all__ = ["Run", "build_run", "make_loggers", "make_mesh_for", "make_plan"]
+__all__ = [
+    "Run",
+    "build_run",
+    "histogram_hook",
+    "make_loggers",
+    "make_mesh_for",
+    "make_plan",
+]
 
 
 def _as_config_error(error: TitanaxError, where: str) -> ConfigError:
@@ -130,7 +137,8 @@ def _model_parts(config: Config) -> tuple[Callable[..., Any], Callable, Any]:
 
 def _abstract_model(make_model: Callable[..., Any]) -> Any:
     try:
-        return eqx.filter_eval_shape(make_model, jax.random.key(0))
+        # The key is made inside the trace too: nothing runs, nothing compiles.
+        return eqx.filter_eval_shape(lambda: make_model(jax.random.key(0)))
     except (TypeError, ValueError) as e:
         raise ConfigError(
             f"Expected `model.kwargs` to build the model, got {type(e).__name__}: {e}",
@@ -223,6 +231,21 @@ class Run:
     tokens_per_sample: int | None
 
 
+def histogram_hook(loggers: list[Any], every: int, rules: Any = ()) -> Any:
+    """A Trainer hook that sends per-layer parameter norms to the loggers'
+    `histograms` every `every` steps (at log steps: make `every` a multiple of
+    `logging.every`). Gradient norms need the step itself (see `layer_norms`)."""
+    norms = jax.jit(lambda model: tlog.layer_norms(model, rules))
+
+    def hook(step: int, metrics: Any, trainer: Trainer) -> None:
+        del metrics
+        if step % every == 0 and trainer.state is not None:
+            values = jax.device_get(norms(trainer.state.model))
+            tlog.emit(loggers, "histograms", step, {"param_norm": values})
+
+    return hook
+
+
 def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments `fn` takes (the Trainer grows keywords over time)."""
     params = inspect.signature(fn).parameters
@@ -299,6 +322,9 @@ def build_run(
         tokens_per_sample=tokens,
         stage=stage,
     )
+    if config.logging.histograms_every is not None:
+        every = config.logging.histograms_every
+        kwargs["hooks"] = [histogram_hook(loggers, every, plan.rules)]
     trainer = Trainer(make_model, plan, **_accepted(Trainer, kwargs))
     return Run(
         config=config,

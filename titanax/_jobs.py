@@ -242,6 +242,7 @@ def explain_config(
         "state_bytes_per_device": bytes_per_device(trainer.train_step.flatten(state)),
         "batch_bytes_per_device": bytes_per_device(placed_batch),
         "fits": None if device_memory is None else memory["peak"] <= device_memory,
+        "output_arrays": len(jax.tree.leaves(compiled.output_shardings)),
     }
     table = explain(
         state.model,

@@ -53,6 +53,18 @@ class CSV(_Closable):
         self.columns: list[str] | None = None
         self._file: Any = None
         self._closed = False
+        # Checked now (reading is harmless on any process); opened on first use.
+        if append and self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open(newline="") as f:
+                self.columns = next(csv.reader(f), None)
+            columns = self.columns or []
+            if len(columns) < 2 or columns[0] != "step" or columns[-1] != "extra":
+                raise TrainerError(
+                    f"Expected `{self.path}` to have a `step,...,extra` header row "
+                    f"(a Titanax CSV) to append to, found {self.columns!r}.",
+                    suggestion="Pass `append=False` to start the file afresh, or "
+                    "another `path`.",
+                )
 
     def _open(self) -> bool:
         """Open the file on first use (process 0 only); whether to write."""
@@ -67,18 +79,7 @@ class CSV(_Closable):
         if not (self.all_processes or is_main_process()):
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        append = self.append
-        if append and self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open(newline="") as f:
-                self.columns = next(csv.reader(f), None)
-            columns = self.columns or []
-            if len(columns) < 2 or columns[0] != "step" or columns[-1] != "extra":
-                raise TrainerError(
-                    f"Expected `{self.path}` to have a `step,...,extra` header row "
-                    f"(a Titanax CSV) to append to, found {self.columns!r}.",
-                    suggestion="Pass `append=False` to start the file afresh, or "
-                    "another `path`.",
-                )
+        append = self.append and self.columns is not None
         self._file = self.path.open("a" if append else "w", newline="")
         self._writer = csv.writer(self._file)
         return True

@@ -38,6 +38,11 @@ DOCUMENTED = [
     "CheckpointError",
     "TrainerError",
     "PipelineError",
+    "ConfigError",
+    # jobs: configs, distributed start-up, quickstart Trainers
+    "config",
+    "distributed",
+    "quickstart",
     # training
     "Trainer",
     "TrainState",
@@ -71,6 +76,7 @@ ERRORS = [
     "CheckpointError",
     "TrainerError",
     "PipelineError",
+    "ConfigError",
 ]
 
 

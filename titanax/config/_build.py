@@ -253,7 +253,11 @@ def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_run(
-    config: Config, *, loggers: list[Any] | None = None, stream: Any = None
+    config: Config,
+    *,
+    loggers: list[Any] | None = None,
+    stream: Any = None,
+    hooks: list[Any] | None = None,
 ) -> Run:
     """Every object of a run, checked against each other before any compilation.
 
@@ -262,6 +266,7 @@ def build_run(
     - `config`: a loaded `Config`.
     - `loggers`: use these instead of the `logging:` section's.
     - `stream`: where console loggers print (default stdout).
+    - `hooks`: more Trainer hooks `hook(step, metrics, trainer)`, run at log steps.
 
     **Returns:** a `Run`.
 
@@ -322,9 +327,12 @@ def build_run(
         tokens_per_sample=tokens,
         stage=stage,
     )
+    all_hooks = list(hooks or [])
     if config.logging.histograms_every is not None:
         every = config.logging.histograms_every
-        kwargs["hooks"] = [histogram_hook(loggers, every, plan.rules)]
+        all_hooks.append(histogram_hook(loggers, every, plan.rules))
+    if all_hooks:
+        kwargs["hooks"] = all_hooks
     trainer = Trainer(make_model, plan, **_accepted(Trainer, kwargs))
     return Run(
         config=config,

@@ -35,6 +35,5 @@ from ._schema import PPConfig as PPConfig
 from ._schema import PrecisionConfig as PrecisionConfig
 from ._schema import ProfileConfig as ProfileConfig
 from ._schema import TPConfig as TPConfig
-
-# Last: `train` runs a config and needs everything above.
-from .._jobs import train_config as train  # noqa: E402
+from ._train import compact_config as compact_config
+from ._train import train as train

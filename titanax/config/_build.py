@@ -34,6 +34,7 @@ __all__ = [
     "make_loggers",
     "make_mesh_for",
     "make_plan",
+    "peak_flops_for",
 ]
 
 
@@ -246,6 +247,23 @@ def histogram_hook(loggers: list[Any], every: int, rules: Any = ()) -> Any:
     return hook
 
 
+def peak_flops_for(config: Config, mesh: Mesh) -> float | None:
+    """The mesh's peak FLOP/s for the configured compute type (for MFU), or None
+    where the devices are not in `tx.loggers.PEAK_FLOPS` (CPUs).
+
+    float32 matmuls run at the TF32 tensor-core rate on NVIDIA GPUs and as bf16
+    passes on TPUs at JAX's default precision, so fp32 is measured against those.
+    """
+    device = mesh.devices.flat[0]
+    compute = config.precision.compute
+    if compute == "fp32":
+        kind = {"gpu": "tf32", "tpu": "bf16"}.get(device.platform, "fp32")
+    else:
+        kind = "bf16"
+    peak = tlog.peak_flops_per_device(device, dtype=kind)
+    return None if peak is None else peak * mesh.size
+
+
 def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments `fn` takes (the Trainer grows keywords over time)."""
     params = inspect.signature(fn).parameters
@@ -325,6 +343,7 @@ def build_run(
         seed=config.seed,
         on_nonfinite=config.on_nonfinite,
         tokens_per_sample=tokens,
+        peak_flops=peak_flops_for(config, mesh),
         stage=stage,
     )
     all_hooks = list(hooks or [])

@@ -11,6 +11,8 @@ BIN := $(VENV)/bin
 # The demo: a CNN on digits (data parallel, seconds), then a GPT with DP x TP (a minute).
 DEMO ?= examples/mnist_dp/train.py --model cnn && $(BIN)/python examples/gpt/train.py --dp 2 --tp 4 --steps 600
 PYTEST_ARGS ?=
+# Test paths for `make test` (default: the whole suite), e.g. TESTS=tests/test_cli.py.
+TESTS ?= tests
 BENCH ?= benchmarks/overhead.py benchmarks/gpt.py benchmarks/checkpoint.py benchmarks/pipeline.py
 LINT_PATHS := $(wildcard titanax models examples tests benchmarks)
 
@@ -61,8 +63,8 @@ dev: $(VENV)/.installed-dev  ## Install Titanax with the dev extras.
 demo: $(VENV)/.installed-examples  ## Run the demo script (DEMO=path.py for another).
 	$(BIN)/python $(DEMO)
 
-test: $(VENV)/.installed-dev  ## Run the test suite (extra pytest flags: PYTEST_ARGS=...).
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+test: $(VENV)/.installed-dev  ## Run the tests (TESTS=tests/test_x.py ..., PYTEST_ARGS=...).
+	$(BIN)/python -m pytest -q $(TESTS) $(PYTEST_ARGS)
 
 # --- checks --------------------------------------------------------------------------
 

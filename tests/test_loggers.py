@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import os
 import struct
 import sys
 
@@ -194,18 +195,6 @@ def test_tensorboard_writes_scalars_and_header(tmp_path):
     assert len(texts) == 1 and "    devices:   8 x cpu" in texts[0]
 
 
-def test_tensorboard_reads_back_with_tensorboard_if_installed(tmp_path):
-    event_accumulator = pytest.importorskip(
-        "tensorboard.backend.event_processing.event_accumulator"
-    )
-    with tlog.TensorBoard(tmp_path) as logger:
-        logger.log(7, {"loss": 0.75})
-    accumulator = event_accumulator.EventAccumulator(str(tmp_path))
-    accumulator.Reload()
-    (scalar,) = accumulator.Scalars("loss")
-    assert (scalar.step, scalar.value) == (7, 0.75)
-
-
 def test_tensorboard_missing_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     with pytest.raises(TrainerError, match=r"pip install titanax\[tensorboard\]"):
@@ -220,12 +209,16 @@ def test_meter_arithmetic():
     assert rates == pytest.approx(
         {
             "step_time_s": 0.2,
+            "step_time_median_s": 0.2,
+            "step_time_p90_s": 0.2,
             "samples_per_s": 160.0,
             "tokens_per_s": 10240.0,
             "mfu": 0.5,
         }
     )
-    assert tlog.Meter().update(4, 1.0) == {"step_time_s": 0.25}
+    assert tlog.Meter().update(4, 1.0) == pytest.approx(
+        {"step_time_s": 0.25, "step_time_median_s": 0.25, "step_time_p90_s": 0.25}
+    )
     # MFU needs both the model FLOPs and the peak.
     assert "mfu" not in tlog.Meter(batch_size=8, flops_per_step=1e9).update(1, 1.0)
     with pytest.raises(TrainerError, match="`n_steps` to be an integer >= 1"):
@@ -236,24 +229,246 @@ def test_meter_arithmetic():
         tlog.Meter(batch_size=0)
 
 
+def test_meter_rolling_window_percentiles_and_compile():
+    meter = tlog.Meter(batch_size=10, window=4)
+    assert meter.record_compile(3.5) == {"compile_time_s": 3.5}
+    first = meter.update(2, 2.0)  # 1 s/step
+    assert first["compile_time_s"] == 3.5  # reported once, with the next update
+    second = meter.update(2, 6.0)  # 3 s/step: the window is [1, 1, 3, 3]
+    assert "compile_time_s" not in second
+    assert second["step_time_s"] == 3.0
+    assert second["step_time_median_s"] == 2.0
+    assert second["step_time_p90_s"] == pytest.approx(3.0)
+    assert second["samples_per_s"] == pytest.approx(10 * 4 / 8.0)  # rolling, not last
+    # A third interval pushes the first out of the 4-step window: [3, 3, 0.5, 0.5].
+    third = meter.update(2, 1.0)
+    assert third["samples_per_s"] == pytest.approx(10 * 4 / 7.0)
+    assert third["step_time_median_s"] == pytest.approx(1.75)
+    assert third["step_time_p90_s"] == pytest.approx(3.0)
+    # The CPU backend reports no memory: nothing is made up.
+    assert tlog.device_memory() == {}
+    assert "memory_gb" not in tlog.Meter(memory=True).update(1, 1.0)
+
+
+class _StatsDevice:
+    def __init__(self, used, peak):
+        self.stats = {"bytes_in_use": used, "peak_bytes_in_use": peak}
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_device_memory_takes_the_largest_device():
+    devices = [_StatsDevice(2e9, 3e9), _StatsDevice(1e9, 5e9)]
+    assert tlog.device_memory(devices) == {"memory_gb": 2.0, "memory_peak_gb": 5.0}
+
+
+def test_basic_line_shows_percentiles_compile_and_memory():
+    line = tlog._console.format_line(
+        7,
+        {
+            "loss": 1.0,
+            "step_time_s": 0.012,
+            "step_time_median_s": 0.011,
+            "step_time_p90_s": 0.015,
+            "compile_time_s": 2.5,
+            "memory_gb": 1.25,
+            "memory_peak_gb": 2.5,
+        },
+    )
+    assert line == (
+        "step 7 | loss 1.0000 | 12.0 ms/step (median 11.0, p90 15.0) | compile 2.50 s"
+        " | mem 1.25 GB (peak 2.50)"
+    )
+
+
+def test_events_wait_for_the_header():
+    out = io.StringIO()
+    logger = tlog.WithHeader(tlog.Basic(out), config="steps: 3")
+    tlog.emit([logger], "event", "place model", 1.234)
+    assert out.getvalue() == ""  # held back until the header
+    logger.header({"devices": "8 x cpu"})
+    tlog.emit([logger], "event", "compile step", 0.5)
+    tlog.emit([logger], "histograms", 1, {})  # Basic has none: skipped
+    assert out.getvalue().splitlines()[1:] == [
+        "devices: 8 x cpu",
+        "config:  steps: 3",
+        "=" * 72,
+        "[startup] place model: 1.23 s",
+        "[startup] compile step: 0.50 s",
+    ]
+
+
+def test_only_process_zero_writes(monkeypatch, tmp_path):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    out = io.StringIO()
+    loggers = [
+        tlog.Basic(out),
+        tlog.CSV(tmp_path / "log.csv"),
+        tlog.TensorBoard(tmp_path / "tb"),
+        tlog.Progress(out, force=True),
+    ]
+    for logger in loggers:
+        logger.header({"total_steps": 3})
+        tlog.emit([logger], "event", "place model", 1.0)
+        logger.log(1, {"loss": 1.0})
+        logger.close()
+    assert out.getvalue() == ""
+    assert list(tmp_path.iterdir()) == []  # no file, no folder
+    # Unless asked to.
+    tlog.Basic(out, all_processes=True).log(1, {"loss": 1.0})
+    assert out.getvalue() == "step 1 | loss 1.0000\n"
+
+
+def _read_all(fd):
+    import select
+
+    chunks = []
+    while select.select([fd], [], [], 0.5)[0]:
+        chunks.append(os.read(fd, 1 << 16))
+    return b"".join(chunks).decode()
+
+
+def test_progress_bar_on_a_pty_and_not_piped():
+    import fcntl
+    import pty
+    import termios
+
+    from titanax.config import load_config, make_loggers
+
+    master, slave = pty.openpty()
+    # A terminal of 24 rows x 100 columns (a fresh pty has 0 columns).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    terminal = os.fdopen(slave, "w")
+    config = load_config({"model": {"preset": "gpt"}})
+    # `titanax train`'s console choice: the bar on a terminal, lines when piped.
+    (chosen,) = make_loggers(config, terminal)
+    assert isinstance(chosen, tlog.Progress)
+    chosen.header({"devices": "8 x cpu", "total_steps": 10})
+    tlog.emit([chosen], "event", "compile step", 2.0)
+    for step in (2, 4):
+        chosen.log(step, {"loss": 2.5, "tokens_per_s": 12345.0})
+    chosen.close()
+    terminal.flush()
+    screen = _read_all(master)
+    terminal.close()
+    os.close(master)
+    assert "[startup] compile step: 2.00 s" in screen
+    assert "4/10" in screen and "loss 2.5000 | 12345 tok/s" in screen
+    assert "\r" in screen  # redrawn in place
+
+    read, write = os.pipe()
+    piped = os.fdopen(write, "w")
+    (lines,) = make_loggers(config, piped)
+    assert isinstance(lines, tlog.Basic)
+    bar = tlog.Progress(piped)
+    bar.header({"total_steps": 10})
+    bar.log(4, {"loss": 2.5})
+    bar.close()
+    piped.close()
+    assert os.read(read, 1 << 16) == b""  # not a terminal: the bar draws nothing
+    os.close(read)
+
+
+def test_layer_norms_and_tensorboard_histograms(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig.preset("tiny", n_layer=3), key=jax.random.key(0))
+    norms = jax.jit(tlog.layer_norms)(model)
+    stacked = np.asarray(model.blocks.w_mlp_in)
+    expected = np.sqrt((stacked.reshape(3, -1).astype(np.float64) ** 2).sum(axis=1))
+    np.testing.assert_allclose(norms["GPT.blocks.w_mlp_in"], expected, rtol=1e-5)
+    assert norms["GPT.wte"].shape == ()  # not stacked: one norm
+    np.testing.assert_allclose(
+        norms["GPT.wte"], np.linalg.norm(np.asarray(model.wte)), rtol=1e-5
+    )
+    host = jax.device_get(norms)
+    with tlog.TensorBoard(tmp_path) as logger:
+        logger.log(7, {"loss": 0.75})
+        logger.event("compile step", 2.5)
+        logger.histograms(10, {"param_norm": host, "grad_norm": host})
+    acc = event_accumulator.EventAccumulator(
+        str(tmp_path), size_guidance={"histograms": 0}
+    )
+    acc.Reload()
+    (scalar,) = acc.Scalars("loss")
+    assert (scalar.step, scalar.value) == (7, 0.75)
+    assert acc.Scalars("startup/compile_step_s")[0].value == 2.5
+    (per_layer,) = acc.Histograms("param_norm/GPT.blocks.w_mlp_in")
+    value = per_layer.histogram_value
+    assert (per_layer.step, value.num) == (10, 3)
+    assert value.sum == pytest.approx(expected.sum(), rel=1e-5)
+    assert value.max == pytest.approx(expected.max(), rel=1e-5)
+    (everything,) = acc.Histograms("grad_norm")
+    total = sum(np.size(v) for v in host.values())
+    assert everything.histogram_value.num == total
+
+
+def test_profile_window_writes_a_trace(tmp_path):
+    profile = tlog.Profile(start=2, steps=2, logdir=tmp_path)
+    step = jax.jit(lambda x: (x @ x.T).sum() * 0 + x)
+    x = jax.numpy.ones((64, 64))
+    events = []
+    for k in range(6):
+        profile.before_step(k)
+        events.append(profile.running)
+        x = step(x)
+        profile.after_step(k + 1, x)
+    assert events == [False, False, True, True, False, False]
+    assert profile.done and not profile.running
+    traces = profile.trace_files()
+    assert any(p.name.endswith(".xplane.pb") and p.stat().st_size > 0 for p in traces)
+    with pytest.raises(TrainerError, match=r"`Profile\(steps=...\)` to be an integer"):
+        tlog.Profile(start=0, steps=0)
+
+
 class _FakeDevice:
     def __init__(self, platform, device_kind):
         self.platform, self.device_kind = platform, device_kind
 
 
-def test_peak_flops_per_device():
-    assert (
-        tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H100 80GB HBM3"))
-        == 989e12
-    )
-    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H100 PCIe")) == 756e12
-    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA H200")) == 989e12
-    assert (
-        tlog.peak_flops_per_device(_FakeDevice("gpu", "NVIDIA A100-SXM4-80GB"))
-        == 312e12
-    )
-    assert tlog.peak_flops_per_device(_FakeDevice("gpu", "Some Future GPU")) is None
+@pytest.mark.parametrize(
+    "kind, dtype, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.5e12),  # SXM
+        ("NVIDIA H100 80GB HBM3", "fp32", 67e12),
+        ("NVIDIA H100 80GB HBM3", "tf32", 494.5e12),
+        ("NVIDIA H100 PCIe", "bf16", 756.5e12),
+        ("NVIDIA H100 PCIe", "fp32", 51e12),
+        ("NVIDIA H100 NVL", "bf16", 835.5e12),
+        ("NVIDIA H200", "bf16", 989.5e12),
+        ("NVIDIA H200", np.float32, 67e12),
+        ("NVIDIA H200 NVL", "bf16", 835.5e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA A100-SXM4-80GB", "float32", 19.5e12),
+        ("NVIDIA A100 80GB PCIe", "fp16", 312e12),
+        ("NVIDIA B200", "bf16", 2250e12),
+        ("NVIDIA B200", "fp32", 75e12),
+        ("TPU v4", "bf16", 275e12),
+        ("TPU v5 lite", "bf16", 197e12),
+        ("TPU v5", "bf16", 459e12),
+        ("TPU v6 lite", "bf16", 918e12),
+        ("TPU v5 lite", "fp32", None),  # Google publishes no float32 figure
+        ("Some Future GPU", "bf16", None),
+    ],
+)
+def test_peak_flops_per_device(kind, dtype, expected):
+    device = _FakeDevice("tpu" if "TPU" in kind else "gpu", kind)
+    assert tlog.peak_flops_per_device(device, dtype=dtype) == expected
+
+
+def test_peak_flops_per_device_defaults_and_errors():
+    h100 = _FakeDevice("gpu", "NVIDIA H100 80GB HBM3")
+    assert tlog.peak_flops_per_device(h100) == 989.5e12  # bf16 by default
+    assert tlog.peak_flops_per_device(h100, jax.numpy.bfloat16) == 989.5e12
     assert tlog.peak_flops_per_device(jax.devices("cpu")[0]) is None
+    assert tlog.peak_flops_per_device() is None  # the test devices are CPUs
+    # The bf16-only table kept for older callers.
+    assert dict(tlog.PEAK_BF16_FLOPS)["H100 PCIe"] == 756.5e12
+    with pytest.raises(TrainerError, match="Expected `dtype` to be one of 'bf16'"):
+        tlog.peak_flops_per_device(h100, dtype="fp8")
 
 
 def test_versions_and_run_header():

@@ -39,6 +39,11 @@ DOCUMENTED = [
     "CheckpointError",
     "TrainerError",
     "PipelineError",
+    "ConfigError",
+    # jobs: configs, distributed start-up, quickstart Trainers
+    "config",
+    "distributed",
+    "quickstart",
     # training
     "Trainer",
     "TrainState",
@@ -73,6 +78,7 @@ ERRORS = [
     "CheckpointError",
     "TrainerError",
     "PipelineError",
+    "ConfigError",
 ]
 
 

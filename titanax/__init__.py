@@ -4,15 +4,19 @@ Models name the logical axes of their arrays; a `Plan` maps logical axes to mesh
 Nothing is guessed: every sharding comes from the model's PyTree and the plan.
 """
 
+from . import _distributed as distributed  # noqa: F401  (tx.distributed)
+from . import config as config
 from . import data as data
 from . import loggers as loggers
 from . import optim as optim
+from . import quickstart as quickstart
 from ._axes import field as field
 from ._axes import logical_axes as logical_axes
 from ._errors import ArgumentError as ArgumentError
 from ._errors import BatchError as BatchError
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CollectiveError as CollectiveError
+from ._errors import ConfigError as ConfigError
 from ._errors import DataError as DataError
 from ._errors import DataExhaustedError as DataExhaustedError
 from ._errors import DataExhaustedWarning as DataExhaustedWarning

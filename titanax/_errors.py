@@ -12,12 +12,13 @@ __all__ = [
     "BatchError",
     "CheckpointError",
     "CollectiveError",
+    "ConfigError",
+    "DataError",
     "DataExhaustedError",
     "DataExhaustedWarning",
-    "DataError",
     "MeshError",
-    "NonFiniteError",
     "ModelError",
+    "NonFiniteError",
     "PipelineError",
     "PlanError",
     "Preempted",
@@ -162,3 +163,11 @@ class ModelError(ShardingError, TypeError):
 class DataError(TitanaxError, ValueError):
     """A data source or pipeline is wrong: a token file, a window, a batch size the
     data axes do not divide, an empty or non-random-access source."""
+
+
+class ConfigError(TitanaxError, ValueError):
+    """A run config is wrong: a bad type, an unknown key, a missing environment
+    variable, or a model, plan, mesh or data section that do not fit together.
+
+    `path` is the config key (`optimizer.lr`, `plan.tp.axis`); raised before any
+    compilation."""

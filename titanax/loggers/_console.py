@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from .._errors import TrainerError
-from ._base import _Closable
+from ._base import _Closable, is_main_process
 from ._format import (
     SPECIAL_KEYS,
     format_loss,
@@ -46,6 +46,11 @@ def format_header(info: Mapping[str, object]) -> list[str]:
     return lines
 
 
+def format_event(name: str, seconds: float) -> str:
+    """A start-up phase line: `[startup] compile step: 3.21 s`."""
+    return f"[startup] {name}: {seconds:.2f} s"
+
+
 def format_line(step: int, metrics: Mapping[str, object]) -> str:
     """The `Basic` log line: `step 100 | loss 2.3456 | ... | 12.3 ms/step`."""
     parts = [f"step {step}"]
@@ -62,9 +67,19 @@ def format_line(step: int, metrics: Mapping[str, object]) -> str:
     if (rate := special.get("tokens_per_s")) is not None:
         parts.append(f"{format_rate(rate)} tokens/s")
     if (seconds := special.get("step_time_s")) is not None:
-        parts.append(f"{format_ms(seconds)} ms/step")
+        text = f"{format_ms(seconds)} ms/step"
+        median, p90 = special.get("step_time_median_s"), special.get("step_time_p90_s")
+        if median is not None and p90 is not None:
+            text += f" (median {format_ms(median)}, p90 {format_ms(p90)})"
+        parts.append(text)
     if (mfu := special.get("mfu")) is not None:
         parts.append(f"mfu {mfu * 100:.1f}%")
+    if (seconds := special.get("compile_time_s")) is not None:
+        parts.append(f"compile {seconds:.2f} s")
+    if (used := special.get("memory_gb")) is not None:
+        peak = special.get("memory_peak_gb")
+        tail = "" if peak is None else f" (peak {peak:.2f})"
+        parts.append(f"mem {used:.2f} GB{tail}")
     return " | ".join(parts)
 
 
@@ -107,13 +122,23 @@ class Basic(_Closable):
     - `stream`: where to print; `None` means `sys.stdout` at the time of printing.
     - `every`: print only steps that are a multiple of this; `None` prints every
         call (the trainer already decides when to log).
+    - `all_processes`: print on every process, not only on process 0.
     """
 
-    def __init__(self, stream: TextIO | None = None, every: int | None = None):
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        every: int | None = None,
+        *,
+        all_processes: bool = False,
+    ):
         self.stream = stream
         self.every = _check_every(every)
+        self.all_processes = all_processes
 
     def _write(self, lines: list[str]) -> None:
+        if not (self.all_processes or is_main_process()):
+            return
         stream = sys.stdout if self.stream is None else self.stream
         stream.write("".join(f"{line}\n" for line in lines))
         stream.flush()
@@ -131,6 +156,20 @@ class Basic(_Closable):
         Nothing.
         """
         self._write(format_header(info))
+
+    def event(self, name: str, seconds: float) -> None:
+        """Print a start-up phase and its time: `[startup] compile step: 3.21 s`.
+
+        **Arguments:**
+
+        - `name`: the phase (`"place model"`, `"compile step"`, ...).
+        - `seconds`: how long it took.
+
+        **Returns:**
+
+        Nothing.
+        """
+        self._write([format_event(name, seconds)])
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Print one line for `step`.

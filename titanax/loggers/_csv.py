@@ -7,9 +7,10 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .._errors import TrainerError
-from ._base import _Closable
+from ._base import _Closable, is_main_process
 from ._format import to_float
 
 
@@ -35,12 +36,24 @@ class CSV(_Closable):
     - `path`: the CSV file; parent folders are created.
     - `append`: add rows to an existing file, keeping its columns (to continue a
         resumed run) instead of starting it afresh.
+    - `all_processes`: write on every process (give each its own `path`), not only
+        on process 0; elsewhere the logger creates no file and writes nothing.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, append: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        append: bool = False,
+        all_processes: bool = False,
+    ):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.append = append
+        self.all_processes = all_processes
         self.columns: list[str] | None = None
+        self._file: Any = None
+        self._closed = False
+        # Checked now (reading is harmless on any process); opened on first use.
         if append and self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as f:
                 self.columns = next(csv.reader(f), None)
@@ -52,8 +65,24 @@ class CSV(_Closable):
                     suggestion="Pass `append=False` to start the file afresh, or "
                     "another `path`.",
                 )
+
+    def _open(self) -> bool:
+        """Open the file on first use (process 0 only); whether to write."""
+        if self._closed:
+            raise TrainerError(
+                f"`CSV({str(self.path)!r})` was used after `close()`.",
+                suggestion="Create a new `CSV` logger, with `append=True` to add "
+                "to the same file.",
+            )
+        if self._file is not None:
+            return True
+        if not (self.all_processes or is_main_process()):
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        append = self.append and self.columns is not None
         self._file = self.path.open("a" if append else "w", newline="")
         self._writer = csv.writer(self._file)
+        return True
 
     @property
     def header_path(self) -> Path:
@@ -71,6 +100,8 @@ class CSV(_Closable):
 
         Nothing.
         """
+        if not self._open():
+            return
         with self.header_path.open("w") as f:
             json.dump(dict(info), f, indent=2, default=str)
             f.write("\n")
@@ -87,12 +118,8 @@ class CSV(_Closable):
 
         Nothing.
         """
-        if self._file.closed:
-            raise TrainerError(
-                f"`CSV({str(self.path)!r})` was used after `close()`.",
-                suggestion="Create a new `CSV` logger, with `append=True` to add "
-                "to the same file.",
-            )
+        if not self._open():
+            return
         if self.columns is None:
             self.columns = ["step", *(k for k in metrics if k != "step"), "extra"]
             self._writer.writerow(self.columns)
@@ -110,4 +137,6 @@ class CSV(_Closable):
 
         Nothing.
         """
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        self._closed = True

@@ -6,7 +6,18 @@ import math
 from collections.abc import Mapping
 
 # Metrics with a fixed place and format at the end of a log line, in this order.
-SPECIAL_KEYS = ("lr", "samples_per_s", "tokens_per_s", "step_time_s", "mfu")
+SPECIAL_KEYS = (
+    "lr",
+    "samples_per_s",
+    "tokens_per_s",
+    "step_time_s",
+    "step_time_median_s",
+    "step_time_p90_s",
+    "mfu",
+    "compile_time_s",
+    "memory_gb",
+    "memory_peak_gb",
+)
 
 
 def to_float(value: object) -> float | None:

@@ -339,7 +339,9 @@ class TrainStep:
     __call__ = step
 
     def lower(self, state: TrainState, batch: Any) -> Any:
-        """The lowered step (`.compile().as_text()` gives its HLO)."""
+        """The lowered step (`.compile().as_text()` gives its HLO,
+        `.compile().memory_analysis()` its memory). `state` may be abstract
+        (`tx.abstract_state(...)`): nothing is allocated for it."""
         program = self.compile(state, batch)
         return program.lower(program.flatten(state), program.place(batch))
 
@@ -458,7 +460,7 @@ def _program(ts: TrainStep, state: Any, batch: Any, *, train: bool) -> CompiledS
     key = (
         train,
         treedef,
-        tuple(_static_key(x) for x in leaves if not eqx.is_array(x)),
+        tuple(_static_key(x) for x in leaves if not is_arraylike(x)),
         batch_treedef,
         tuple(
             (tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x))))
@@ -483,8 +485,10 @@ def _build(
     """Derive the layouts from `state` and `batch`, check the loss's output once
     (abstractly), and jit the program with pinned shardings."""
     layout = BatchLayout.of(batch, ts.plan, ts.mesh, accumulate=train)
-    array_index = tuple(i for i, x in enumerate(leaves) if eqx.is_array(x))
-    static = tuple(None if eqx.is_array(x) else x for x in leaves)
+    # Arrays, or `ShapeDtypeStruct`s with shardings (`tx.abstract_state`): a program
+    # can be built and lowered for a state that was never allocated.
+    array_index = tuple(i for i, x in enumerate(leaves) if is_arraylike(x))
+    static = tuple(None if is_arraylike(x) else x for x in leaves)
     state_shardings = tuple(_sharding_of(leaves[i], ts.mesh) for i in array_index)
     mask = trainable_mask(state.model, ts.trainable)
     skeleton = CompiledStep(
@@ -534,13 +538,16 @@ def _check_loss(ts: TrainStep, state: TrainState, layout: BatchLayout, train: bo
         ],
     )
 
-    def run(model: Any, b: Any, key: Any) -> Any:
+    params, static = eqx.partition(state.model, is_arraylike)
+
+    def run(params: Any, b: Any, rng: Any) -> Any:
+        model = eqx.combine(params, static)
+        key = jax.random.wrap_key_data(rng) if train else _EVAL_KEY
         out = ts.loss(ts.precision.cast(model), ts.precision.cast(b), key)
         return split_loss_output(out, "`loss`")
 
-    key = state.key if train else _EVAL_KEY
     try:
-        eqx.filter_eval_shape(run, state.model, batch, key)
+        jax.eval_shape(run, params, batch, state.rng)
     except TitanaxError:
         raise
     except Exception as e:

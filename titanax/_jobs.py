@@ -1,0 +1,180 @@
+"""What `titanax explain` and `titanax info` do (`titanax train` is
+`titanax.config.train`)."""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from typing import Any
+
+import jax
+
+from . import _distributed as distributed
+from . import loggers as tlog
+from ._errors import ConfigError
+from ._explain import bytes_per_device, explain
+from .config import Config, build_run
+from .config import train as train_config
+
+__all__ = [
+    "explain_config",
+    "info_text",
+    "parse_bytes",
+    "step_memory",
+    "train_config",
+]
+
+
+# --- explain ----------------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_bytes(text: str) -> int:
+    """`"80GB"` → 80e9, `"16GiB"` → 16 * 2**30, `"1024"` → 1024.
+
+    **Raises:** `ConfigError` for anything else.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _UNITS:
+        raise ConfigError(
+            f"Expected a memory size such as `80GB` or `16GiB`, got {text!r}.",
+            path="--device-memory",
+            suggestion="Write a number with B, KB, MB, GB, TB or KiB, MiB, GiB, TiB.",
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def step_memory(compiled: Any) -> dict[str, int]:
+    """Per-device bytes of a compiled step, from `compiled.memory_analysis()`.
+
+    **Returns:** `arguments`, `outputs`, `aliased` (outputs written over donated
+    arguments), `temporaries`, `code`, and `peak` (arguments + outputs - aliased
+    + temporaries + code: what the step needs at once).
+    """
+    m = compiled.memory_analysis()
+    out = {
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "code": int(m.generated_code_size_in_bytes),
+    }
+    out["peak"] = (
+        out["arguments"]
+        + out["outputs"]
+        - out["aliased"]
+        + out["temporaries"]
+        + out["code"]
+    )
+    return out
+
+
+def _flops(compiled: Any) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older JAX: one dict per program
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+
+
+def explain_config(
+    config: Config, *, device_memory: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Compile the step of a config ahead of time and report it, without training.
+
+    The model and optimizer state are placed (each device holds only its shard),
+    one batch is read, and the step is lowered and compiled for the configured mesh;
+    nothing runs.
+
+    **Arguments:**
+
+    - `config`: a loaded `Config`.
+    - `device_memory`: bytes per device to check the step against.
+
+    **Returns:** `(text, report)`: the printable report (plan table, memory, FLOPs,
+    collectives, fits or not) and its numbers as a dict (`memory` from
+    `step_memory`, `flops_per_device`, `flops_per_step`, `devices`, `fits`,
+    `compile_s`, `state_bytes_per_device`, `batch_bytes_per_device`).
+    """
+    run = build_run(config, loggers=[])
+    trainer = run.trainer
+    state = trainer.init_state()
+    batch = next(iter(run.data.batches(0, run.plan, run.mesh)))
+    started = time.perf_counter()
+    program = trainer.train_step.compile(state, batch)
+    compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - started
+    memory = step_memory(compiled)
+    flops = _flops(compiled)
+    devices = run.mesh.size
+    placed_batch = program.place(batch)
+    report: dict[str, Any] = {
+        "devices": devices,
+        "mesh": dict(run.mesh.shape),
+        "memory": memory,
+        "flops_per_device": flops,
+        "flops_per_step": None if flops is None else flops * devices,
+        "compile_s": compile_s,
+        "state_bytes_per_device": bytes_per_device(program.flatten(state)),
+        "batch_bytes_per_device": bytes_per_device(placed_batch),
+        "fits": None if device_memory is None else memory["peak"] <= device_memory,
+        "output_arrays": len(jax.tree.leaves(compiled.output_shardings)),
+    }
+    table = explain(
+        state.model,
+        run.plan,
+        run.mesh,
+        hlo_text=compiled.as_text(),
+        extra_bytes_per_device={"optimizer state": bytes_per_device(state.opt_state)},
+    )
+    lines = [str(table), "", f"Compiled step ({compile_s:.2f} s), per device:"]
+    for name in ("arguments", "outputs", "aliased", "temporaries", "code", "peak"):
+        lines.append(f"  {name + ':':<13}{_gb(memory[name]):>14}")
+    if flops is not None:
+        lines.append(
+            f"FLOPs per step: {flops:.4g} per device, {flops * devices:.4g} over "
+            f"{devices} devices"
+        )
+        if run.tokens_per_sample:
+            tokens = config.data.batch_size * run.tokens_per_sample
+            lines.append(f"FLOPs per token: {flops * devices / tokens:.4g}")
+    if device_memory is not None:
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        share = 100 * memory["peak"] / device_memory
+        lines.append(
+            f"Device memory: the step {verdict} in {_gb(device_memory)} per device "
+            f"(peak {_gb(memory['peak'])}, {share:.1f}%)."
+        )
+    return "\n".join(lines), report
+
+
+# --- info -------------------------------------------------------------------------
+
+
+def info_text() -> str:
+    """`titanax info`: versions, devices, processes and the detected cluster."""
+    cluster = distributed.detect()
+    lines = [
+        f"python:    {platform.python_version()} ({platform.platform()})",
+        "versions:  " + " | ".join(f"{k} {v}" for k, v in tlog.versions().items()),
+        f"backend:   {jax.default_backend()}",
+        f"devices:   {tlog.describe_devices()}",
+        f"processes: {jax.process_count()} (this is process {jax.process_index()})",
+        f"cluster:   {cluster.describe()}",
+    ]
+    peak = tlog.peak_flops_per_device()
+    if peak is not None:
+        lines.append(f"peak:      {peak / 1e12:.1f} TFLOP/s bf16 per device")
+    memory = tlog.device_memory()
+    if memory:
+        lines.append(f"memory:    {memory.get('memory_gb', 0):.2f} GB in use")
+    return "\n".join(lines)

@@ -1,0 +1,365 @@
+"""A `Config` → the objects of a run: mesh, plan, model, optimizer, Trainer, data.
+
+Everything here runs before any compilation; each failure is a `ConfigError` naming
+the config key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+from jax.sharding import Mesh
+
+from .. import loggers as tlog
+from .. import optim
+from .._errors import ConfigError, TitanaxError
+from .._mesh import make_mesh
+from .._plan import DP, FSDP, PP, TP, Plan
+from ..train import Precision, Trainer
+from ._data import Batches, Windows, make_data
+from ._imports import resolve
+from ._load import config_to_dict
+from ._presets import PRESETS
+from ._schema import Config, PlanConfig
+
+__all__ = [
+    "Run",
+    "build_run",
+    "histogram_hook",
+    "make_loggers",
+    "make_mesh_for",
+    "make_plan",
+    "peak_flops_for",
+]
+
+
+def _as_config_error(error: TitanaxError, where: str) -> ConfigError:
+    return ConfigError(
+        f"{error.message} (from `{where}`)",
+        path=where,
+        suggestion=error.suggestion,
+    )
+
+
+def make_plan(config: PlanConfig) -> Plan:
+    """`tx.Plan` from the `plan:` section."""
+    parts: dict[str, Any] = {}
+    try:
+        if config.dp is not None:
+            parts["dp"] = DP(config.dp.axis, config.dp.accumulate_steps)
+        if config.fsdp is not None:
+            parts["fsdp"] = FSDP(config.fsdp.axis, config.fsdp.min_size)
+        if config.tp is not None:
+            parts["tp"] = TP(config.tp.axis, config.tp.rules)
+        if config.pp is not None:
+            parts["pp"] = PP(config.pp.axis, config.pp.microbatches, config.pp.schedule)
+        rules = [(regex, tuple(axes)) for regex, axes in config.rules]
+        return Plan(**parts, rules=rules)
+    except TitanaxError as e:
+        raise _as_config_error(e, "plan") from None
+
+
+def make_mesh_for(shape: dict[str, int], plan: Plan) -> Mesh:
+    """The mesh of the `mesh:` section, or all devices along the plan's one axis."""
+    if not shape:
+        axes = plan.mesh_axes
+        if len(axes) > 1:
+            raise ConfigError(
+                f"Expected a `mesh` section for a plan over several axes {axes}, got "
+                "none.",
+                path="mesh",
+                suggestion="Add e.g. `mesh: {"
+                + ", ".join(f"{a}: ..." for a in axes)
+                + "}`.",
+            )
+        shape = {axes[0] if axes else "data": -1}
+    try:
+        mesh = make_mesh(None, **shape)
+        plan.check_mesh(mesh)
+    except TitanaxError as e:
+        raise _as_config_error(e, "mesh") from None
+    return mesh
+
+
+def _model_parts(config: Config) -> tuple[Callable[..., Any], Callable, Any]:
+    """`(key -> model, loss, stage or None)` from the `model:` section."""
+    model = config.model
+    if model.preset is not None:
+        if model.preset not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(model.preset, list(PRESETS), n=1)
+            raise ConfigError(
+                f"Expected a preset name at `model.preset`, got {model.preset!r}; the "
+                f"presets are {sorted(PRESETS)}.",
+                path="model.preset",
+                suggestion=f"Use `{close[0]}`."
+                if close
+                else "Use one of them, or `model.factory: pkg.mod:fn`.",
+            )
+        preset = PRESETS[model.preset]
+        factory_path, loss_path, stage_path = preset.factory, preset.loss, preset.stage
+    else:
+        assert model.factory is not None
+        factory_path, loss_path, stage_path = model.factory, None, None
+    factory = resolve(factory_path, "model.factory")
+    loss_path = model.loss or loss_path
+    if loss_path is None:
+        raise ConfigError(
+            "Expected `model.loss` (an import path of `loss(model, batch, key)`) with "
+            "`model.factory`, got none.",
+            path="model.loss",
+            suggestion="Set `model.loss: pkg.mod:loss_fn`.",
+        )
+    loss = resolve(loss_path, "model.loss")
+    stage = None
+    if config.plan.pp is not None:
+        stage_path = model.stage or stage_path
+        if stage_path is None:
+            raise ConfigError(
+                "Expected `model.stage` (an import path of `() -> tx.Stage`) with "
+                "`plan.pp`, got none.",
+                path="model.stage",
+                suggestion="Set `model.stage: pkg.mod:make_stage`.",
+            )
+        stage = resolve(stage_path, "model.stage")()
+    kwargs = dict(model.kwargs)
+
+    def make_model(key: Any) -> Any:
+        return factory(key=key, **kwargs)
+
+    return make_model, loss, stage
+
+
+def _abstract_model(make_model: Callable[..., Any]) -> Any:
+    try:
+        # The key is made inside the trace too: nothing runs, nothing compiles.
+        return eqx.filter_eval_shape(lambda: make_model(jax.random.key(0)))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"Expected `model.kwargs` to build the model, got {type(e).__name__}: {e}",
+            path="model.kwargs",
+            suggestion="Check the keyword names and values against the model's "
+            "constructor.",
+        ) from e
+
+
+def _optimizer(config: Config) -> Any:
+    o = config.optimizer
+    total = o.total_steps if o.total_steps is not None else config.steps
+    schedule: dict[str, Any] = {
+        "warmup_steps": o.warmup_steps,
+        "total_steps": total if o.schedule == "cosine" else None,
+        "end_lr": o.end_lr if o.schedule == "cosine" else None,
+    }
+    try:
+        if o.name == "adamw":
+            return optim.adamw(
+                o.lr,
+                b1=o.b1,
+                b2=o.b2,
+                eps=o.eps,
+                weight_decay=o.weight_decay,
+                clip_norm=o.clip_norm,
+                **schedule,
+            )
+        return optim.sgd(
+            o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+            clip_norm=o.clip_norm,
+            **schedule,
+        )
+    except TitanaxError as e:
+        raise _as_config_error(e, "optimizer") from None
+
+
+def _precision(config: Config) -> Precision:
+    p = config.precision
+    if p.compute == "bf16":
+        return Precision.bf16()
+    if p.compute == "fp16":
+        try:
+            return Precision.fp16(p.initial_scale, p.growth_interval)
+        except TitanaxError as e:
+            raise _as_config_error(e, "precision") from None
+    return Precision.fp32()
+
+
+def make_loggers(config: Config, stream: Any = None) -> list[Any]:
+    """The loggers of the `logging:` section (they write on process 0 only)."""
+    log = config.logging
+    out: list[Any] = []
+    console = log.console
+    if console == "auto":
+        console = "progress" if tlog.Progress.available(stream) else "basic"
+    if console == "basic":
+        out.append(tlog.Basic(stream))
+    elif console == "compact":
+        out.append(tlog.CompactBasic(stream))
+    elif console == "progress":
+        out.append(tlog.Progress(stream))
+    if log.csv:
+        out.append(tlog.CSV(log.csv))
+    if log.tensorboard:
+        out.append(tlog.TensorBoard(log.tensorboard))
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+    """What `build_run` makes: call `trainer.fit(data.batches(0, plan, mesh), ...)`
+    (or let `titanax train` do it).
+
+    **Fields:** `config`, `trainer`, `data` (a pipeline with `global_batch_size`
+    and `batches(start, plan, mesh)`), `mesh`, `plan`, `make_model` (`key -> model`),
+    `abstract_model` (its shapes), `tokens_per_sample`.
+    """
+
+    config: Config
+    trainer: Trainer
+    data: Windows | Batches
+    mesh: Mesh
+    plan: Plan
+    make_model: Callable[..., Any]
+    abstract_model: Any
+    tokens_per_sample: int | None
+
+
+def histogram_hook(loggers: list[Any], every: int, rules: Any = ()) -> Any:
+    """A Trainer hook that sends per-layer parameter norms to the loggers'
+    `histograms` every `every` steps (at log steps: make `every` a multiple of
+    `logging.every`). Gradient norms need the step itself (see `layer_norms`)."""
+    norms = jax.jit(lambda model: tlog.layer_norms(model, rules))
+
+    def hook(step: int, metrics: Any, trainer: Trainer) -> None:
+        del metrics
+        if step % every == 0 and trainer.state is not None:
+            values = jax.device_get(norms(trainer.state.model))
+            tlog.emit(loggers, "histograms", step, {"param_norm": values})
+
+    return hook
+
+
+def peak_flops_for(config: Config, mesh: Mesh) -> float | None:
+    """The mesh's peak FLOP/s for the configured compute type (for MFU), or None
+    where the devices are not in `tx.loggers.PEAK_FLOPS` (CPUs).
+
+    float32 matmuls run at the TF32 tensor-core rate on NVIDIA GPUs and as bf16
+    passes on TPUs at JAX's default precision, so fp32 is measured against those.
+    """
+    device = mesh.devices.flat[0]
+    compute = config.precision.compute
+    if compute == "fp32":
+        kind = {"gpu": "tf32", "tpu": "bf16"}.get(device.platform, "fp32")
+    else:
+        kind = "bf16"
+    peak = tlog.peak_flops_per_device(device, dtype=kind)
+    return None if peak is None else peak * mesh.size
+
+
+def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments `fn` takes (the Trainer grows keywords over time)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def build_run(
+    config: Config,
+    *,
+    loggers: list[Any] | None = None,
+    stream: Any = None,
+    hooks: list[Any] | None = None,
+) -> Run:
+    """Every object of a run, checked against each other before any compilation.
+
+    **Arguments:**
+
+    - `config`: a loaded `Config`.
+    - `loggers`: use these instead of the `logging:` section's.
+    - `stream`: where console loggers print (default stdout).
+    - `hooks`: more Trainer hooks `hook(step, metrics, trainer)`, run at log steps.
+
+    **Returns:** a `Run`.
+
+    **Raises:** `ConfigError` naming the key: a plan that does not fit the mesh or
+    the model, a batch the data axes do not divide, an import path that does not
+    resolve, model kwargs the model does not take, a missing data file.
+    """
+    plan = make_plan(config.plan)
+    mesh = make_mesh_for(dict(config.mesh), plan)
+    make_model, loss, stage = _model_parts(config)
+    abstract = _abstract_model(make_model)
+    try:
+        plan.validate(mesh, abstract)
+    except TitanaxError as e:
+        raise _as_config_error(e, "plan") from None
+    need = plan.data_parallel_size(mesh) * plan.accumulate_steps
+    if config.plan.pp is not None:
+        need *= config.plan.pp.microbatches
+    if config.data.batch_size % need:
+        raise ConfigError(
+            f"Expected `data.batch_size` to be a multiple of {need} (the data axes "
+            f"{plan.data_axes} of mesh {dict(mesh.shape)}, times the microbatches), "
+            f"got {config.data.batch_size}.",
+            path="data.batch_size",
+            suggestion=f"Use a batch size divisible by {need}, e.g. "
+            f"{need * max(1, config.data.batch_size // need)}.",
+        )
+    block = getattr(getattr(abstract, "config", None), "block_size", None)
+    data = make_data(config.data, block if isinstance(block, int) else None)
+    tokens = getattr(data, "seq_len", None)
+    checkpoint = None
+    if config.checkpoint.path is not None:
+        from ..checkpoint import OrbaxCheckpoint
+
+        c = config.checkpoint
+        try:
+            checkpoint = OrbaxCheckpoint(
+                config.checkpoint.path,
+                keep=c.keep,
+                every=c.every,
+                async_=c.async_,
+                config=config_to_dict(config),
+            )
+        except TitanaxError as e:
+            raise _as_config_error(e, "checkpoint") from None
+    if loggers is None:
+        loggers = make_loggers(config, stream)
+    kwargs = dict(
+        optimizer=_optimizer(config),
+        loss=loss,
+        mesh=mesh,
+        precision=_precision(config),
+        checkpoint=checkpoint,
+        loggers=loggers,
+        log_every=config.logging.every,
+        seed=config.seed,
+        on_nonfinite=config.on_nonfinite,
+        tokens_per_sample=tokens,
+        peak_flops=peak_flops_for(config, mesh),
+        stage=stage,
+    )
+    all_hooks = list(hooks or [])
+    if config.logging.histograms_every is not None:
+        every = config.logging.histograms_every
+        all_hooks.append(histogram_hook(loggers, every, plan.rules))
+    if all_hooks:
+        kwargs["hooks"] = all_hooks
+    trainer = Trainer(make_model, plan, **_accepted(Trainer, kwargs))
+    return Run(
+        config=config,
+        trainer=trainer,
+        data=data,
+        mesh=mesh,
+        plan=plan,
+        make_model=make_model,
+        abstract_model=abstract,
+        tokens_per_sample=tokens,
+    )

@@ -1,0 +1,204 @@
+"""The run config: one dataclass per section, loaded by `load_config`.
+
+Every field has a default, so a YAML file names only what it changes. Types are
+checked by draccus when the config is decoded; cross-section checks (the plan against
+the mesh, the batch against the data axes) happen in `build_run`, still before any
+compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """What to train: a preset from the repository's `models/`, or a factory.
+
+    **Fields:**
+
+    - `preset`: `"gpt"`, `"mlp"` or `"cnn"` (see `titanax.config.PRESETS`); its
+        `kwargs` are the model's own (`size: tiny` picks `GPTConfig.preset("tiny")`
+        and the other keys replace its fields).
+    - `factory`: instead of a preset, an import path `pkg.mod:fn` (or
+        `path/to/file.py:fn`) of `fn(*, key, **kwargs) -> eqx.Module`.
+    - `kwargs`: keyword arguments for the preset or factory.
+    - `loss`: import path of `loss(model, batch, key)`; a preset has its own.
+    - `stage`: import path of `() -> tx.Stage`, needed with `plan.pp`; the GPT preset
+        has its own.
+    """
+
+    preset: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loss: str | None = None
+    stage: str | None = None
+
+
+@dataclasses.dataclass
+class DPConfig:
+    """`tx.DP`: the batch split over `axis`, `accumulate_steps` microbatches."""
+
+    axis: str = "data"
+    accumulate_steps: int = 1
+
+
+@dataclasses.dataclass
+class FSDPConfig:
+    """`tx.FSDP`: parameters sharded over `axis` when they have `min_size` elements."""
+
+    axis: str = "data"
+    min_size: int = 1024
+
+
+@dataclasses.dataclass
+class TPConfig:
+    """`tx.TP`: logical axes → `axis` (`rules`; default `mlp`, `heads`, `vocab`)."""
+
+    axis: str = "model"
+    rules: dict[str, str | None] | None = None
+
+
+@dataclasses.dataclass
+class PPConfig:
+    """`tx.PP`: the stacked `layers` dim split over `axis` into stages."""
+
+    axis: str = "pipe"
+    microbatches: int = 8
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    """`tx.Plan`: a section per parallelism (absent or `null`: not used), and path
+    `rules` as `[regex, [logical axis, ...]]` pairs."""
+
+    dp: DPConfig | None = None
+    fsdp: FSDPConfig | None = None
+    tp: TPConfig | None = None
+    pp: PPConfig | None = None
+    rules: list[tuple[str, list[str | None]]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """`tx.optim.adamw` or `tx.optim.sgd` and their learning-rate schedule.
+
+    `schedule: cosine` decays from `lr` after `warmup_steps` to `end_lr` (default 0)
+    at `total_steps` (default: the run's `steps`); `constant` keeps `lr` after the
+    warmup.
+    """
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float | None = None
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    end_lr: float | None = None
+
+
+@dataclasses.dataclass
+class PrecisionConfig:
+    """`tx.Precision`: the compute dtype; fp16 adds dynamic loss scaling."""
+
+    compute: Literal["fp32", "bf16", "fp16"] = "fp32"
+    initial_scale: float = 2.0**15
+    growth_interval: int = 2000
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where batches come from (see `titanax.config.make_data`).
+
+    **Fields:**
+
+    - `source`: `"text"` (a byte-level text file: tokens are bytes, vocabulary 256),
+        `"tokens"` (a flat binary file of token ids, nanoGPT's `.bin`) or
+        `"function"` (an import path that yields global batches).
+    - `path`: the file for `text` and `tokens`. Without one, `text` reads the Python
+        standard library's own source (1 MB, on every machine).
+    - `dtype`: the token dtype of a `tokens` file.
+    - `function`, `kwargs`: for `source: function`, `fn(*, batch_size, seed,
+        **kwargs)` returning an iterable of global batches (dicts of numpy arrays).
+    - `batch_size`: the global batch size (all processes together).
+    - `seq_len`: tokens per sample for `text` and `tokens`; default: the model's
+        context length (`block_size`).
+    - `seed`: seeds the random windows (the same on every process).
+    """
+
+    source: Literal["text", "tokens", "function"] = "text"
+    path: str | None = None
+    dtype: str = "uint16"
+    function: str | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batch_size: int = 16
+    seq_len: int | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """`tx.OrbaxCheckpoint` (none without `path`); `resume` continues the latest."""
+
+    path: str | None = None
+    every: int | None = None
+    keep: int | None = 3
+    async_: bool = True
+    resume: bool = False
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Loggers, all writing on process 0 only.
+
+    `console`: `auto` (a progress bar on a terminal, lines otherwise), `basic`,
+    `compact`, `progress` or `none`. `csv` and `tensorboard` are paths (none when
+    unset). `histograms_every`: per-layer norm histograms to TensorBoard every this
+    many steps.
+    """
+
+    every: int = 10
+    console: Literal["auto", "basic", "compact", "progress", "none"] = "auto"
+    csv: str | None = None
+    tensorboard: str | None = None
+    histograms_every: int | None = None
+
+
+@dataclasses.dataclass
+class ProfileConfig:
+    """A `jax.profiler` trace of steps `[start, start + steps)` into `dir` (none
+    without `start`); open it in TensorBoard's profile tab or Perfetto."""
+
+    start: int | None = None
+    steps: int = 3
+    dir: str = "profile"
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole run: `titanax train CONFIG [key=value ...]`.
+
+    `steps` is the total number of optimizer steps; `mesh` maps axis names to sizes,
+    outermost first (`{data: 2, model: 4}`; one size may be -1).
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
+    mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+    steps: int = 100
+    seed: int = 0
+    on_nonfinite: Literal["raise", "skip"] = "raise"

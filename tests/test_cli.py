@@ -104,9 +104,9 @@ def test_explain_memory_matches_the_placed_arrays(capsys):
     # What the Trainer places: the state's arrays and one batch, on device 0.
     run = build_run(load_config(GPT_TP, overrides), loggers=[])
     state = run.trainer.init_state()
-    batch = run.trainer.train_step.put_batch(
-        next(run.data.batches(0, run.plan, run.mesh))
-    )
+    host_batch = next(run.data.batches(0, run.plan, run.mesh))
+    program = run.trainer.train_step.compile(state, host_batch)
+    batch = program.place(host_batch)
     device = jax.devices()[0]
 
     def on_device(arrays):
@@ -117,9 +117,9 @@ def test_explain_memory_matches_the_placed_arrays(capsys):
             if s.device == device
         )
 
-    state_bytes = on_device(run.trainer.train_step.flatten(state))
+    state_bytes = on_device(program.flatten(state))
     batch_bytes = on_device(jax.tree.leaves(batch))
-    assert state_bytes == bytes_per_device(run.trainer.train_step.flatten(state))
+    assert state_bytes == bytes_per_device(program.flatten(state))
     memory = report["memory"]
     # jax.jit drops arguments the step never reads (`keep_unused=False`): at most a
     # few int32 scalars of the state's bookkeeping.
@@ -131,7 +131,7 @@ def test_explain_memory_matches_the_placed_arrays(capsys):
     # Outputs: the new state, one float32 scalar per metric, and (XLA's CPU backend)
     # the result tuple's table of 8-byte buffer pointers.
     n_out = report["output_arrays"]
-    n_metrics = n_out - len(run.trainer.train_step.flatten(state))
+    n_metrics = n_out - len(program.flatten(state))
     assert n_metrics == 4  # loss, accuracy, grad_norm, lr
     assert memory["outputs"] == state_bytes + 4 * n_metrics + 8 * n_out
     assert report["fits"] is (memory["peak"] <= 1_000_000)

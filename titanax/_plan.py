@@ -44,6 +44,11 @@ def _check_axis_name(axis: Any, who: str) -> None:
         )
 
 
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (`accumulate_steps=True` is a mistake, not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class DP(eqx.Module):
     """Data parallelism: the batch is split over `axis`, parameters replicated.
 
@@ -59,7 +64,7 @@ class DP(eqx.Module):
 
     def __check_init__(self):
         _check_axis_name(self.axis, "DP")
-        if not isinstance(self.accumulate_steps, int) or self.accumulate_steps < 1:
+        if not _is_int(self.accumulate_steps) or self.accumulate_steps < 1:
             raise PlanError(
                 "`DP(accumulate_steps=...)` expects an int ≥ 1, got "
                 f"{self.accumulate_steps!r}.",
@@ -86,7 +91,7 @@ class FSDP(eqx.Module):
 
     def __check_init__(self):
         _check_axis_name(self.axis, "FSDP")
-        if not isinstance(self.min_size, int) or self.min_size < 0:
+        if not _is_int(self.min_size) or self.min_size < 0:
             raise PlanError(
                 f"`FSDP(min_size=...)` expects an int ≥ 0, got {self.min_size!r}.",
                 suggestion="Use e.g. `min_size=1024` (elements).",
@@ -234,7 +239,7 @@ class PP(eqx.Module):
                 f'`PP(schedule=...)` expects "gpipe" or "1f1b", got {self.schedule!r}.',
                 suggestion='Use schedule="gpipe" or schedule="1f1b".',
             )
-        if not isinstance(self.microbatches, int) or self.microbatches < 1:
+        if not _is_int(self.microbatches) or self.microbatches < 1:
             raise PipelineError(
                 f"`PP(microbatches=...)` expects an int ≥ 1, got "
                 f"{self.microbatches!r}.",

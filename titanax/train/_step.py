@@ -330,7 +330,7 @@ class TrainStep:
     def compile(self, state: TrainState, batch: Any) -> CompiledStep:
         """The program that steps states and batches laid out like these (built on
         first use, then reused: an equal layout gives the same program)."""
-        return _program(self, state, batch, train=True)
+        return _program(self, state, batch, "train")
 
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """One optimizer step; returns the new state and on-device metrics."""
@@ -352,7 +352,14 @@ class TrainStep:
         match the training batches'; each new shape compiles once). The loss is
         called with `key=None` (no dropout).
         """
-        program = _program(self, state, batch, train=False)
+        program = _program(self, state, batch, "eval")
+        return program.run(program.flatten(state), program.place(batch))
+
+    def gradients(self, state: TrainState, batch: Any) -> Any:
+        """The gradients of the loss on one (training) batch under `state`, without
+        an update: the trainable part of the model (`None` where frozen), sharded
+        like the parameters. For diagnostics (per-layer gradient norms)."""
+        program = _program(self, state, batch, "grads")
         return program.run(program.flatten(state), program.place(batch))
 
 
@@ -449,7 +456,10 @@ def _static_key(leaf: Any) -> Any:
     return leaf
 
 
-def _program(ts: TrainStep, state: Any, batch: Any, *, train: bool) -> CompiledStep:
+Kind = Literal["train", "eval", "grads"]
+
+
+def _program(ts: TrainStep, state: Any, batch: Any, kind: Kind) -> CompiledStep:
     if not isinstance(state, TrainState):
         raise ArgumentError(
             f"Expected a `tx.TrainState` (from `init`), got {describe_value(state)}.",
@@ -458,7 +468,7 @@ def _program(ts: TrainStep, state: Any, batch: Any, *, train: bool) -> CompiledS
     leaves, treedef = jax.tree.flatten(state)
     batch_leaves, batch_treedef = jax.tree.flatten(batch)
     key = (
-        train,
+        kind,
         treedef,
         tuple(_static_key(x) for x in leaves if not is_arraylike(x)),
         batch_treedef,
@@ -470,7 +480,7 @@ def _program(ts: TrainStep, state: Any, batch: Any, *, train: bool) -> CompiledS
     programs = _PROGRAMS.setdefault(ts, {})
     program = programs.get(key)
     if program is None:
-        program = programs[key] = _build(ts, state, leaves, treedef, batch, train)
+        program = programs[key] = _build(ts, state, leaves, treedef, batch, kind)
     return program
 
 
@@ -480,10 +490,11 @@ def _build(
     leaves: list[Any],
     treedef: Any,
     batch: Any,
-    train: bool,
+    kind: Kind,
 ) -> CompiledStep:
     """Derive the layouts from `state` and `batch`, check the loss's output once
     (abstractly), and jit the program with pinned shardings."""
+    train = kind != "eval"
     layout = BatchLayout.of(batch, ts.plan, ts.mesh, accumulate=train)
     # Arrays, or `ShapeDtypeStruct`s with shardings (`tx.abstract_state`): a program
     # can be built and lowered for a state that was never allocated.
@@ -500,21 +511,22 @@ def _build(
         batch=layout,
         run=None,
     )
-    _check_loss(ts, state, layout, train)
+    _check_loss(ts, state, layout, kind)
     rep = replicated(ts.mesh)
-    if train:
+    in_shardings = (list(state_shardings), list(layout.shardings))
+    if kind == "train":
         run = jax.jit(
             _train_fn(ts, skeleton),
-            in_shardings=(list(state_shardings), list(layout.shardings)),
+            in_shardings=in_shardings,
             out_shardings=(list(state_shardings), rep),
             donate_argnums=(0,) if ts.donate else (),
         )
-    else:
+    elif kind == "eval":
         run = jax.jit(
-            _eval_fn(ts, skeleton),
-            in_shardings=(list(state_shardings), list(layout.shardings)),
-            out_shardings=rep,
+            _eval_fn(ts, skeleton), in_shardings=in_shardings, out_shardings=rep
         )
+    else:  # gradients land like their parameters
+        run = jax.jit(_grads_fn(ts, skeleton), in_shardings=in_shardings)
     return dataclasses.replace(skeleton, run=run)
 
 
@@ -526,7 +538,7 @@ def _sharding_of(x: jax.Array, mesh: Mesh) -> NamedSharding:
     return replicated(mesh)
 
 
-def _check_loss(ts: TrainStep, state: TrainState, layout: BatchLayout, train: bool):
+def _check_loss(ts: TrainStep, state: TrainState, layout: BatchLayout, kind: Kind):
     """Trace the loss once, abstractly, to catch a bad return before compiling.
 
     Training passes a key (a loss may need one for dropout); evaluation, None."""
@@ -539,6 +551,7 @@ def _check_loss(ts: TrainStep, state: TrainState, layout: BatchLayout, train: bo
     )
 
     params, static = eqx.partition(state.model, is_arraylike)
+    train = kind != "eval"
 
     def run(params: Any, b: Any, rng: Any) -> Any:
         model = eqx.combine(params, static)
@@ -625,6 +638,22 @@ def _train_fn(ts: TrainStep, layout: CompiledStep) -> Callable[..., Any]:
         return [new_leaves[i] for i in layout.array_index], out
 
     return train_step
+
+
+def _grads_fn(ts: TrainStep, layout: CompiledStep) -> Callable[..., Any]:
+    def grads_step(arrays: list[jax.Array], batch_leaves: list[jax.Array]) -> Any:
+        state = layout.unflatten(arrays)
+        batch = layout.batch.treedef.unflatten(batch_leaves)
+        key = jax.random.fold_in(state.key, state.step)
+        spec = _mask_spec(state.model, layout.mask)
+        trainable, frozen = eqx.partition(state.model, spec)
+        scale = state.loss_scale.scale if state.loss_scale is not None else None
+        grads, _, _ = _loss_and_grads(ts, spec, trainable, frozen, batch, key, scale)
+        if scale is not None:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        return grads
+
+    return grads_step
 
 
 def _eval_fn(ts: TrainStep, layout: CompiledStep) -> Callable[..., Any]:

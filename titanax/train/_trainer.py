@@ -22,6 +22,7 @@ The contract of `fit`, in one place:
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,11 +58,22 @@ from .._errors import (
     TitanaxError,
 )
 from .._explain import Explanation, bytes_per_device, explain
+from .._flops import step_flops
 from .._mesh import make_mesh
 from .._plan import Plan
 from .._sharding import check_model_factory
 from ..checkpoint._preemption import PreemptionGuard
-from ..loggers import Logger, Meter, peak_flops_per_device, run_header
+from ..loggers import (
+    Basic,
+    Logger,
+    Meter,
+    Profile,
+    Progress,
+    emit,
+    layer_norms,
+    peak_flops_per_device,
+    run_header,
+)
 from ..parallel.pipeline import Stage
 from ._batch import ShortBatch
 from ._precision import Precision
@@ -196,7 +208,7 @@ class Trainer:
         trainable: Trainable | None = None,
         precision: Precision | None = None,
         checkpoint: Any = None,
-        loggers: Sequence[Logger] = (),
+        loggers: Sequence[Logger] | None = None,
         log_every: int = 10,
         seed: int = 0,
         continue_on_error: bool = False,
@@ -209,6 +221,8 @@ class Trainer:
         peak_flops_per_device: float | None = None,
         mode: Literal["jit", "spmd"] = "jit",
         stage: Stage | None = None,
+        histograms_every: int | None = None,
+        profile: Profile | None = None,
     ):
         if not isinstance(model, eqx.Module) or isinstance(model, eqx.Partial):
             check_model_factory(model)
@@ -221,7 +235,7 @@ class Trainer:
                 suggestion="Pass `checkpoint=tx.OrbaxCheckpoint(path, every=100)`.",
             )
         self.loggers = expect_sequence_of(
-            loggers,
+            default_loggers() if loggers is None else loggers,
             "Trainer(loggers=...)",
             _is_logger,
             "loggers (objects with `header` and `log` methods)",
@@ -258,6 +272,17 @@ class Trainer:
         self.peak_flops_per_device = expect_number(
             peak_flops_per_device, "Trainer(peak_flops_per_device=...)"
         )
+        self.histograms_every = expect_int(
+            histograms_every, "Trainer(histograms_every=...)", minimum=1, optional=True
+        )
+        if profile is not None and not isinstance(profile, Profile):
+            raise ArgumentError(
+                f"`Trainer(profile=...)` expected a `tx.loggers.Profile` or None, got "
+                f"{describe_value(profile)}.",
+                suggestion="Pass `profile=tx.loggers.Profile(start=10, steps=3, "
+                'logdir="runs/profile")`.',
+            )
+        self.profile = profile
         self.mesh = mesh if mesh is not None else _default_mesh(plan)
         self.plan = plan
         self.model = model
@@ -278,15 +303,23 @@ class Trainer:
         self.state: TrainState | None = None
         self.stop_reason: StopReason | None = None
         self._header_done = False
-        self._flops: dict[int, float | None] = {}  # XLA's count, per compiled program
+        self._flops: dict[int, float | None] = {}  # FLOPs per step, per program
+        self._ran: set[int] = set()  # programs that have run (compiled)
 
     # --- state ----------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
         """The current `TrainState`, created (sharded) on first use."""
         if self.state is None:
+            started = time.perf_counter()
             self.state = self.train_step.init(self.model, jax.random.key(self.seed))
+            jax.block_until_ready(self.state)
+            self._event("place model", time.perf_counter() - started)
         return self.state
+
+    def _event(self, name: str, seconds: float) -> None:
+        """A start-up phase and its time, for loggers that show them."""
+        emit(self.loggers, "event", name, seconds)
 
     # --- the loop -------------------------------------------------------------------
 
@@ -346,8 +379,8 @@ class Trainer:
         state = self.init_state()
         if resume is not False:
             state = self._resume(state, resume)
-        self._log_header()
         first_step = int(jax.device_get(state.step))
+        self._log_header(total_steps=steps, start_step=first_step)
         if steps is not None and first_step >= steps:
             warnings.warn(
                 f"`fit(steps={steps})`: the state is already at step {first_step}; "
@@ -394,7 +427,9 @@ class Trainer:
                 stacklevel=3,
             )
             return state
+        started = time.perf_counter()
         restored = checkpoint.restore(state)
+        self._event("restore checkpoint", time.perf_counter() - started)
         self.state = restored
         return restored
 
@@ -407,7 +442,9 @@ class Trainer:
 
     # --- logging --------------------------------------------------------------------
 
-    def _log_header(self) -> None:
+    def _log_header(self, total_steps: int | None, start_step: int) -> None:
+        """The run header, once per Trainer (the first `fit`'s totals size the
+        progress bar)."""
         if self._header_done or not self.loggers:
             return
         self._header_done = True
@@ -416,41 +453,37 @@ class Trainer:
             plan=self.plan,
             optimizer=self.optimizer,
             precision=self.train_step.precision.name,
+            total_steps=total_steps,
+            start_step=start_step,
         )
         for logger in self.loggers:
             logger.header(info)
 
-    def _meter(self, program: CompiledStep, arrays: list[Any], leaves: list[Any]):
+    def _meter(
+        self, program: CompiledStep, arrays: list[Any], leaves: list[Any]
+    ) -> Meter:
+        """The meter of one `fit`: throughput, step-time statistics, memory, and MFU
+        where the device's peak is known (or given)."""
+        device = self.mesh.devices.flat[0]
         peak = self.peak_flops_per_device
         if peak is None:
-            peak = peak_flops_per_device(self.mesh.devices.flat[0])
+            peak = peak_flops_per_device(device, _compute_kind(self, device))
         flops = self.flops_per_step
         if flops is None and peak is not None:
-            flops = self._xla_flops(program, arrays, leaves)
+            key = id(program)
+            if key not in self._flops:  # compiled already: jit's cache serves it
+                compiled = program.lower(arrays, leaves).compile()
+                self._flops[key] = step_flops(
+                    compiled, program.run, (arrays, leaves), self.mesh.size
+                )
+            flops = self._flops[key]
         return Meter(
             batch_size=program.batch.rows,
             tokens_per_sample=self.tokens_per_sample,
             flops_per_step=flops,
             peak_flops=peak * self.mesh.size if peak is not None else None,
+            memory=True,
         )
-
-    def _xla_flops(self, program: CompiledStep, arrays: list[Any], leaves: list[Any]):
-        """FLOPs of one step over all devices: XLA's cost analysis of the compiled
-        step (per device) times the devices. Called after the first step: the
-        lowering and compilation are jit's cached ones."""
-        key = id(program)
-        if key not in self._flops:
-            try:
-                cost = program.lower(arrays, leaves).compile().cost_analysis()
-            except Exception:  # a backend without cost analysis: no MFU, no error
-                cost = None
-            if isinstance(cost, list | tuple):
-                cost = cost[0] if cost else None
-            flops = cost.get("flops") if isinstance(cost, Mapping) else None
-            self._flops[key] = (
-                float(flops) * self.mesh.size if flops and flops > 0 else None
-            )
-        return self._flops[key]
 
     # --- evaluation and reports -----------------------------------------------------
 
@@ -658,6 +691,7 @@ class _Loop:
         checkpoint, log_every = trainer.checkpoint, trainer.log_every
         drop_last, continue_on_error = self.drop_last, trainer.continue_on_error
         arrays = self.arrays
+        profile, histograms_every = trainer.profile, trainer.histograms_every
         metrics: dict[str, Any] = {}
         meter: Meter | None = None
         timer, last_logged = time.perf_counter(), step
@@ -665,6 +699,8 @@ class _Loop:
         while batch is not None and (end is None or step < end):
             try:
                 leaves = check(batch)
+                if profile is not None:
+                    profile.before_step(step)
                 arrays, metrics = run(arrays, leaves)
             except ShortBatch as e:
                 if not drop_last:
@@ -700,26 +736,66 @@ class _Loop:
             failures.clear()
             step += 1
             self.arrays = arrays
+            if profile is not None:
+                profile.after_step(step, metrics)
             if meter is None:
-                # The first step (which may have compiled) is left out of the
-                # meter's timing.
-                jax.block_until_ready(metrics)
-                meter = trainer._meter(program, arrays, leaves)
+                meter = self.first_step(program, arrays, leaves, metrics, timer)
                 timer, last_logged = time.perf_counter(), step
+            if histograms_every is not None and step % histograms_every == 0:
+                self.histograms(step, leaves)
             # Read and checked while the step runs; its transfer is part of the next
             # (asynchronous) dispatch.
             batch = self.read(source)
-            if step % log_every == 0:
-                self.log(step, metrics, meter, step - last_logged, timer)
-                timer, last_logged = time.perf_counter(), step
             if checkpoint is not None and checkpoint.should_save(step):
                 self.check_nonfinite(step)  # never save after a bad step
                 trainer.save(self.current(step), step)
+            if step % log_every == 0:
+                self.log(step, metrics, meter, step - last_logged, timer)
+                timer, last_logged = time.perf_counter(), step
             if guard is not None and guard.requested:
                 self.preempted(step)
         if metrics and step != last_logged and meter is not None:
             self.log(step, metrics, meter, step - last_logged, timer)
         return step
+
+    def first_step(
+        self,
+        program: CompiledStep,
+        arrays: list[Any],
+        leaves: list[Any],
+        metrics: dict[str, Any],
+        started: float,
+    ) -> Meter:
+        """After a `fit`'s first step (left out of the meter's timing): its time is
+        the compile time if the program had never run."""
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - started
+        trainer = self.trainer
+        meter = trainer._meter(program, arrays, leaves)
+        if id(program) not in trainer._ran:
+            trainer._ran.add(id(program))
+            trainer._event("compile step", seconds)
+            meter.record_compile(seconds)
+        return meter
+
+    def histograms(self, step: int, leaves: list[Any]) -> None:
+        """Per-layer parameter and gradient norms (the gradients of this step's
+        batch under the new state: one extra forward and backward) to the loggers
+        that draw histograms."""
+        trainer = self.trainer
+        state = self.current(step)
+        rules = trainer.plan.rules
+        program = self.program
+        assert program is not None
+        batch = jax.tree.unflatten(program.batch.treedef, leaves)
+        grads = trainer.train_step.gradients(state, batch)
+        norms = jax.device_get(
+            {
+                "param_norm": _layer_norms(state.model, rules),
+                "grad_norm": _layer_norms(grads, rules),
+            }
+        )
+        emit(trainer.loggers, "histograms", step, norms)
 
     # --- failures -----------------------------------------------------------------
 
@@ -917,6 +993,32 @@ class _Loop:
                 raise DataExhaustedError(message, suggestion=fix)
             warnings.warn(DataExhaustedWarning(f"{message} {fix}"), stacklevel=3)
         return trainer.state
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _norms_program(arrays: Any, static: Any, rules: Any) -> dict[str, jax.Array]:
+    return layer_norms(eqx.combine(arrays, static), rules)
+
+
+def _layer_norms(tree: Any, rules: Any) -> dict[str, jax.Array]:
+    """`tx.loggers.layer_norms` computed where the arrays are (one compiled
+    program per model structure)."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    return _norms_program(arrays, static, rules)
+
+
+def _compute_kind(trainer: Trainer, device: Any) -> str:
+    """The tensor-core rate a step runs at: bf16/fp16 compute at the bf16 rate;
+    float32 matmuls at JAX's default precision run as TF32 on NVIDIA GPUs and as
+    bf16 passes on TPUs."""
+    if trainer.train_step.precision.name != "fp32":
+        return "bf16"
+    return {"gpu": "tf32", "tpu": "bf16"}.get(device.platform, "fp32")
+
+
+def default_loggers() -> list[Logger]:
+    """A progress bar on a terminal (process 0), else `Basic` log lines."""
+    return [Progress()] if Progress.available() else [Basic()]
 
 
 def step_of(loop: _Loop) -> int:

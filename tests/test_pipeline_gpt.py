@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
+from test_pipeline import TOY_STAGE, Toy, _toy_batch, _toy_loss
 
 import titanax as tx
 from models import gpt_plans
 from models.gpt import GPT, GPTConfig, gpt_loss
-from tests.test_pipeline import TOY_STAGE, Toy, _toy_batch, _toy_loss
 from titanax.parallel.pipeline import pipeline_value_and_grad
 
 RTOL = 1e-5

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_pipeline import TOY_STAGE, Toy, _toy_loss
 
 import titanax as tx
-from tests.test_pipeline import TOY_STAGE, Toy, _toy_loss
 
 
 def _batches(n_steps, rows=16):
@@ -64,11 +64,11 @@ def test_pp_plan_needs_a_stage_and_no_accumulation():
     mesh = tx.make_mesh(jax.devices()[:4], pipe=4)
     plan = tx.Plan(pp=tx.PP("pipe", microbatches=4))
     loss = lambda m, b, k: jnp.zeros(())  # noqa: E731
-    with pytest.raises(tx.PipelineError, match="needs a `tx.Stage`"):
+    with pytest.raises(tx.PipelineError, match="Expected a `tx.Stage`"):
         tx.make_train_step(loss, optax.sgd(0.1), plan, mesh)
     accumulating = tx.Plan(
         dp=tx.DP(accumulate_steps=2), pp=tx.PP("pipe", microbatches=4)
     )
     mesh2 = tx.make_mesh(jax.devices()[:4], data=1, pipe=4)
-    with pytest.raises(tx.PipelineError, match="replace gradient accumulation"):
+    with pytest.raises(tx.PipelineError, match="replace accumulation"):
         tx.make_train_step(loss, optax.sgd(0.1), accumulating, mesh2, stage=TOY_STAGE)

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from ..._axes import logical_axes
 from ..._errors import PipelineError
+from ..._loss import split_loss_output
 from ..._plan import Plan
 from ._schedule import Schedule, pipeline_schedule
 from ._stage import Stage
@@ -123,21 +124,6 @@ def _check_layers_dim(stage: Stage, model: Any, plan: Plan) -> None:
         )
 
 
-def _loss_output(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    loss: Any = out
-    metrics: dict[str, Any] = {}
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
-        loss, metrics = out
-    if tuple(jnp.shape(loss)) != ():
-        raise PipelineError(
-            f"`Stage.post` must return a scalar loss (or `(loss, metrics)`), got "
-            f"shape {jnp.shape(loss)}.",
-            suggestion="Return the mean loss over the microbatch.",
-        )
-    loss = jnp.asarray(loss, jnp.float32)
-    return loss, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-
-
 def _zeros(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
 
@@ -202,7 +188,7 @@ class _Local:
         out = self.stage.post(
             self.rest(rest_diff), h, _index(self.micro, m), self._key(m, 2)
         )
-        return _loss_output(out)
+        return split_loss_output(out, "`Stage.post`", PipelineError)
 
 
 Pairs = tuple[tuple[int, int], ...]
@@ -515,7 +501,6 @@ def pipeline_value_and_grad(
     block_diff, block_other = eqx.partition(block, eqx.is_inexact_array)
     block_fixed, block_static = eqx.partition(block_other, eqx.is_array)
     axis, data_axes = setup.axis, setup.data_axes
-    lead = None if not data_axes else data_axes[0] if len(data_axes) == 1 else data_axes
     rep, on_pipe = PartitionSpec(), PartitionSpec(axis)
 
     def body(rest_diff, rest_fixed, block_diff, block_fixed, batch, key):
@@ -544,7 +529,7 @@ def pipeline_value_and_grad(
         return loss, metrics, g_rest, g_block
 
     def batch_spec(x: Any) -> PartitionSpec:
-        return PartitionSpec(lead, *([None] * (np.ndim(x) - 1)))
+        return plan.batch_spec(np.ndim(x))
 
     def body_without_key(rest_diff, rest_fixed, block_diff, block_fixed, batch):
         return body(rest_diff, rest_fixed, block_diff, block_fixed, batch, None)

@@ -5,6 +5,7 @@ To document a new public name, add it to `DOCUMENTED` below.
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,14 @@ DOCUMENTED = [
     "TrainerError",
     "PipelineError",
     "ConfigError",
+    "ArgumentError",
+    "BatchError",
+    "StepFailedError",
+    "NonFiniteError",
+    "DataExhaustedError",
+    "DataExhaustedWarning",
+    "SkippedStepsWarning",
+    "Preempted",
     # jobs: configs, distributed start-up, quickstart Trainers
     "config",
     "distributed",
@@ -48,6 +57,7 @@ DOCUMENTED = [
     "Trainer",
     "TrainState",
     "TrainStep",
+    "CompiledStep",
     "make_train_step",
     "put_batch",
     "Precision",
@@ -79,6 +89,11 @@ ERRORS = [
     "TrainerError",
     "PipelineError",
     "ConfigError",
+    "ArgumentError",
+    "BatchError",
+    "StepFailedError",
+    "NonFiniteError",
+    "DataExhaustedError",
 ]
 
 
@@ -144,3 +159,11 @@ def test_errors_share_a_base_and_carry_a_suggestion(name):
 
 def test_version():
     assert isinstance(tx.__version__, str) and tx.__version__
+
+
+API_PAGE = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+
+
+@pytest.mark.parametrize("name", _public_names())
+def test_public_name_has_an_api_entry(name):
+    assert f"::: titanax.{name}\n" in API_PAGE, f"docs/api.md lacks `tx.{name}`"

@@ -474,3 +474,105 @@ def test_keyboard_interrupt_keeps_the_last_state_and_reraises():
     assert_trees_close(state.model, ref_params)
     assert not any(x.is_deleted() for x in jax.tree.leaves(state.model))
     jnp.sum(state.model.layers[0].weight).block_until_ready()
+
+
+# --- what loggers see -------------------------------------------------------------
+
+
+class Recorder:
+    """A logger with every optional method, keeping what it is given."""
+
+    def __init__(self):
+        self.info, self.events, self.lines, self.histograms_seen = None, [], [], []
+
+    def header(self, info):
+        self.info = dict(info)
+
+    def event(self, name, seconds):
+        self.events.append((name, seconds))
+
+    def log(self, step, metrics):
+        self.lines.append((step, dict(metrics)))
+
+    def histograms(self, step, groups):
+        self.histograms_seen.append((step, groups))
+
+    def close(self):
+        pass
+
+
+def test_loggers_get_totals_start_up_events_and_the_compile_time_once():
+    record = Recorder()
+    t = trainer(loggers=[record], log_every=2)
+    t.fit(make_batches(4), steps=4)
+    assert record.info["total_steps"] == 4 and record.info["start_step"] == 0
+    names = [name for name, _ in record.events]
+    assert names == ["place model", "compile step"]
+    assert all(seconds > 0 for _, seconds in record.events)
+    first, second = record.lines[0][1], record.lines[1][1]
+    assert first["compile_time_s"] == record.events[1][1]  # reported once
+    assert "compile_time_s" not in second
+    assert {"step_time_median_s", "step_time_p90_s", "samples_per_s"} <= set(second)
+    assert "mfu" not in second  # no known peak on CPU
+    t.fit(make_batches(4), steps=8)  # the program is compiled: no compile event
+    assert [name for name, _ in record.events].count("compile step") == 1
+
+
+def test_mfu_uses_the_step_flops_against_the_given_peak():
+    record = Recorder()
+    t = trainer(loggers=[record], log_every=3, peak_flops_per_device=1e12)
+    t.fit(make_batches(6))
+    line = record.lines[-1][1]
+    flops = next(iter(t._flops.values()))
+    # One MLP step on 32 rows: the XLA count over 8 devices, at least the matmuls'
+    # 2*32*(16*64 + 64*4) forward, the same again for the weight gradients, and
+    # 2*32*64*4 for the hidden layer's input gradient.
+    matmuls = 2 * 32 * (16 * 64 + 64 * 4) * 2 + 2 * 32 * 64 * 4
+    assert flops >= matmuls
+    expected = flops / line["step_time_s"] / (1e12 * 8)
+    # `mfu` is over the meter's rolling window; the last interval's rate is close.
+    assert line["mfu"] == pytest.approx(expected, rel=0.5)
+
+
+def test_histograms_are_the_per_layer_norms_of_the_parameters_and_gradients():
+    record = Recorder()
+    batches = make_batches(4)
+    t = trainer(loggers=[record], histograms_every=4)
+    state = t.fit(batches)
+    ((step, groups),) = record.histograms_seen
+    assert step == 4 and set(groups) == {"param_norm", "grad_norm"}
+    params = host(state.model)
+    want = np.sqrt(np.sum(np.square(params.layers[0].weight)))
+    np.testing.assert_allclose(
+        groups["param_norm"]["MLP.layers[0].weight"], want, rtol=1e-6
+    )
+    # The gradients of step 4's batch under the state after step 4.
+    p, static = eqx.partition(state.model, eqx.is_array)
+    grads = jax.grad(
+        lambda p: cross_entropy_loss(eqx.combine(p, static), batches[3])[0]
+    )(p)
+    want = np.sqrt(np.sum(np.square(np.asarray(grads.layers[1].weight))))
+    np.testing.assert_allclose(
+        groups["grad_norm"]["MLP.layers[1].weight"], want, rtol=1e-5
+    )
+
+
+def test_a_profile_window_writes_a_trace(tmp_path):
+    profile = tx.loggers.Profile(start=2, steps=2, logdir=tmp_path)
+    t = trainer(profile=profile)
+    t.fit(make_batches(6))
+    assert profile.done and profile.trace_files()
+
+
+def test_default_loggers_print_lines_when_not_on_a_terminal(capsys):
+    t = tx.Trainer(
+        make_model(),
+        tx.Plan(dp=tx.DP()),
+        optimizer=optax.sgd(0.1),
+        loss=cross_entropy_loss,
+        log_every=2,
+    )
+    t.fit(make_batches(2))
+    out = capsys.readouterr().out
+    assert "DP over `data`" in out  # the header
+    assert "step 2" in out and "loss" in out

@@ -42,13 +42,19 @@ def _conv_flops(eqn: Any) -> float:
 def _sub_jaxprs(eqn: Any) -> list[tuple[Any, float]]:
     """The jaxprs inside an equation, with how many times each runs."""
     out = []
+    times = float(eqn.params.get("length", 1))  # a scan's iterations
+    if eqn.primitive.name == "shard_map":
+        # The body sees one device's shards: it runs once per device of the
+        # axes it is manual over.
+        mesh = eqn.params["mesh"]
+        manual = eqn.params.get("newly_manual_axes") or mesh.axis_names
+        times = float(math.prod(mesh.shape[a] for a in manual))
     for name, value in eqn.params.items():
         values = value if isinstance(value, tuple | list) else (value,)
         for v in values:
             jaxpr = getattr(v, "jaxpr", v)
             if isinstance(jaxpr, jex_core.Jaxpr):
-                times = eqn.params.get("length", 1) if name == "jaxpr" else 1
-                out.append((jaxpr, float(times)))
+                out.append((jaxpr, times if name == "jaxpr" else 1.0))
     if eqn.primitive.name == "cond":  # one branch runs: count the largest
         branches = [(b.jaxpr, 1.0) for b in eqn.params["branches"]]
         return [max(branches, key=lambda jt: _count(jt[0]))] if branches else []

@@ -20,6 +20,7 @@ from jaxtyping import Array, Float
 
 import titanax as tx
 from titanax._errors import (
+    ArgumentError,
     MeshError,
     ModelError,
     PipelineError,
@@ -518,15 +519,15 @@ BAD_INPUTS = [
     (
         "not-a-plan",
         lambda: tx.shardings(_mlp(), tx.DP(), _mesh()),
-        ShardingError,
-        r"Expected a `tx.Plan`, got DP",
+        PlanError,
+        r"`shardings\(plan=...\)` expected a `tx.Plan`, got DP",
         r"tx.Plan\(dp=tx.DP\(\)\)",
     ),
     (
         "not-a-mesh",
         lambda: tx.shardings(_mlp(), tx.Plan(), {"data": 8}),
-        ShardingError,
-        r"Expected a `jax.sharding.Mesh`, got dict",
+        ArgumentError,
+        r"`shardings\(mesh=...\)` expected a `jax.sharding.Mesh`, got dict",
         r"tx.make_mesh",
     ),
     (

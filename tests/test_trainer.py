@@ -576,3 +576,39 @@ def test_default_loggers_print_lines_when_not_on_a_terminal(capsys):
     out = capsys.readouterr().out
     assert "DP over `data`" in out  # the header
     assert "step 2" in out and "loss" in out
+
+
+def test_explain_works_for_a_model_with_none_fields():
+    class NoBias(eqx.Module):
+        hidden: eqx.nn.Linear
+        out: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.hidden = eqx.nn.Linear(IN, 64, use_bias=False, key=k1)  # bias None
+            self.out = eqx.nn.Linear(64, OUT, key=k2)
+
+        def __call__(self, x):
+            return jax.vmap(lambda r: self.out(jax.nn.relu(self.hidden(r))))(x)
+
+    def loss(model, batch, key):
+        logits = model(batch["x"])
+        return jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        )
+
+    t = tx.Trainer(
+        NoBias,
+        tx.Plan(dp=tx.DP()),
+        optimizer=optax.adam(1e-3),
+        loss=loss,
+        trainable=lambda path, x: "out" in path,
+        loggers=[],
+    )
+    report = t.explain(make_batches(1)[0])
+    text = str(report)
+    assert "NoBias.hidden.weight" in text and "NoBias.out.bias" in text
+    # Only `out` trains: its gradients and Adam moments, replicated over 8 devices.
+    out_bytes = (64 * OUT + OUT) * 4
+    assert report.extra_bytes_per_device["grads"] == out_bytes
+    assert report.extra_bytes_per_device["optimizer state"] == 2 * out_bytes + 4

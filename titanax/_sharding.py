@@ -12,7 +12,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ._axes import describe_value, is_arraylike
-from ._errors import ModelError, ShardingError
+from ._checks import expect_mesh, expect_plan
+from ._errors import ModelError
 from ._plan import Plan
 
 __all__ = [
@@ -25,22 +26,10 @@ __all__ = [
 ]
 
 
-def _check_plan(plan: Any) -> Plan:
-    if not isinstance(plan, Plan):
-        raise ShardingError(
-            f"Expected a `tx.Plan`, got {type(plan).__name__}.",
-            suggestion="Build one, e.g. `tx.Plan(dp=tx.DP())`.",
-        )
-    return plan
-
-
-def _check_mesh(mesh: Any) -> Mesh:
-    if not isinstance(mesh, Mesh):
-        raise ShardingError(
-            f"Expected a `jax.sharding.Mesh`, got {type(mesh).__name__}.",
-            suggestion="Build one with `tx.make_mesh(data=-1)`.",
-        )
-    return mesh
+def _mesh(mesh: Any, where: str) -> Mesh:
+    checked = expect_mesh(mesh, f"{where}(mesh=...)")
+    assert checked is not None
+    return checked
 
 
 def partition_specs(model: Any, plan: Plan, mesh: Mesh) -> Any:
@@ -48,7 +37,8 @@ def partition_specs(model: Any, plan: Plan, mesh: Mesh) -> Any:
 
     **Returns:** a PyTree with the structure of `eqx.filter(model, eqx.is_array)`.
     """
-    return _check_plan(plan).partition_specs(model, _check_mesh(mesh))
+    expect_plan(plan, "partition_specs(plan=...)")
+    return plan.partition_specs(model, _mesh(mesh, "partition_specs"))
 
 
 def shardings(model: Any, plan: Plan, mesh: Mesh) -> Any:
@@ -65,7 +55,8 @@ def shardings(model: Any, plan: Plan, mesh: Mesh) -> Any:
 
     **Raises:** `PlanError`/`ShardingError` (see `Plan.validate`).
     """
-    return _check_plan(plan).shardings(model, _check_mesh(mesh))
+    expect_plan(plan, "shardings(plan=...)")
+    return plan.shardings(model, _mesh(mesh, "shardings"))
 
 
 def shard(model: Any, plan: Plan, mesh: Mesh) -> Any:

@@ -62,7 +62,7 @@ from .._flops import step_flops
 from .._mesh import make_mesh
 from .._plan import Plan
 from .._sharding import check_model_factory
-from ..checkpoint._preemption import PreemptionGuard
+from ..checkpoint import PreemptionGuard
 from ..loggers import (
     Basic,
     Logger,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -572,7 +572,7 @@ class _Loop:
 
     # --- reading ------------------------------------------------------------------
 
-    def stream(self) -> Iterator[Any]:
+    def stream(self) -> Generator[Any, None, None]:
         """The raw batches: a pipeline from the resume position, or `epochs` passes
         over an iterable (forever if None)."""
         data = self.data
@@ -589,7 +589,7 @@ class _Loop:
             if not produced or iter(data) is data:
                 return  # empty, or a one-shot iterator that cannot be replayed
 
-    def pipeline_stream(self, data: Any) -> Iterator[Any]:
+    def pipeline_stream(self, data: Any) -> Generator[Any, None, None]:
         """A `titanax.data` pipeline from the resume position (it starts there in
         O(1): nothing to skip), for `epochs` passes from its sample 0 if given."""
         start, self.position = self.position, 0
@@ -674,6 +674,9 @@ class _Loop:
         finally:
             if guard is not None:
                 guard.__exit__(None, None, None)
+            if trainer.profile is not None:
+                trainer.profile.close()  # a run that ended inside the window
+            source.close()  # a pipeline's read-ahead threads stop
         return self.state_after(step, end, strict)
 
     def loop(

@@ -172,8 +172,8 @@ def from_mismatch(
     more = len(mismatched) - 1
     others = f"; {more} more array(s) differ too" if more > 0 else ""
     what = (
-        f"holds values that differ from those saved (fingerprint {read}, saved "
-        f"{saved}: bit rot or an overwritten file){others}"
+        f"does not match the fingerprint saved for it (read {read}, saved {saved}: "
+        f"bit rot or an overwritten file){others}"
     )
     return DamagedStep(
         _message(step, file, what, array, ""), step=step, file=file, array=array

@@ -334,3 +334,27 @@ def test_cli_escapes_control_characters(copy, capsys):
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
     assert "\\x1b[2J\\x1b]0;pwned\\x07plan\\u202e" in out
     assert "\\x1b[1mTrainState.w" in out and "titanax \\x1b[31m1.0" in out
+
+
+def test_layout_follows_deep_btrees(tmp_path):
+    """Big checkpoints have interior B+tree nodes whose children store keys without
+    their common prefix: every array must still be found, at the right bytes."""
+    import tensorstore as ts
+
+    state = tmp_path / "3" / "state"  # laid out like a step directory
+    spec = {"max_decoded_node_bytes": 200, "max_inline_value_bytes": 4}
+    store = ts.KvStore.open(
+        {"driver": "ocdbt", "base": f"file://{state}/", "config": spec}
+    ).result()
+    with ts.Transaction() as txn:
+        for i in range(60):
+            store.with_transaction(txn)[f"opt.mu.w{i:03d}/0"] = bytes([i]) * 20
+    manifest = ts.ocdbt.dump(store.base).result()
+    assert manifest["versions"][-1]["root_height"] >= 2
+    found = array_extents(tmp_path / "3")
+    assert sorted(found) == [f"opt.mu.w{i:03d}" for i in range(60)]
+    for i in (0, 31, 59):
+        (extent,) = found[f"opt.mu.w{i:03d}"]
+        with open(extent.file, "rb") as f:
+            f.seek(extent.offset)
+            assert f.read(extent.length) == bytes([i]) * 20

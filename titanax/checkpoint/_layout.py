@@ -79,24 +79,35 @@ def _dump(store: Any, node: str | None = None) -> Any:
     return ts.ocdbt.dump(store, node).result()
 
 
-def _walk(store: Any, state_dir: Path, location: str, out: dict[str, list[Extent]]):
-    """Record the extents of every key under the B+tree node at `location`."""
+def _text(key: Any) -> str:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+
+
+def _walk(
+    store: Any,
+    state_dir: Path,
+    location: str,
+    out: dict[str, list[Extent]],
+    prefix: str = "",
+) -> None:
+    """Record the extents of every key under the B+tree node at `location`.
+
+    Keys below an interior entry are stored without that entry's
+    `subtree_common_prefix`; `prefix` carries what the path so far stripped.
+    """
     node_extent = _location(state_dir, location)
     try:
         node = _dump(store, location)
     except (ValueError, OSError) as e:
         raise LayoutError(node_extent.file, _tensorstore_detail(e)) from None
     for entry in node.get("entries", []):
-        child = entry.get("node") or entry.get("location")
-        if isinstance(child, dict):
-            child = child.get("location")
+        child = entry.get("location")
         if isinstance(child, str) and child.startswith("btreenode:"):
-            _walk(store, state_dir, child, out)
+            common = _text(entry.get("subtree_common_prefix", b""))
+            _walk(store, state_dir, child, out, prefix + common)
             continue
-        key = entry.get("key")
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "replace")
-        if not isinstance(key, str) or "/" not in key:
+        key = prefix + _text(entry.get("key", b""))
+        if "/" not in key:
             continue
         array, chunk = key.rsplit("/", 1)
         extents = out.setdefault(array, [])

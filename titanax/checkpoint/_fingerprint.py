@@ -81,17 +81,18 @@ def _device_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return a, b
 
 
-@jax.jit
-def _device_fingerprints(arrays: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
-    return [_device_fingerprint(x) for x in arrays]
+# One compiled program per array shape, dtype and sharding (a model repeats a few
+# shapes many times), not one per state: a program reducing every leaf of a large
+# state at once took seconds to compile, and again for each new leaf order.
+_device_fingerprint_jit = jax.jit(_device_fingerprint)
 
 
 def fingerprints(arrays: Sequence[Any]) -> list[str]:
     """The fingerprint of each array, as 16 hex digits, computed where it lives.
 
-    `jax.Array`s are reduced on their devices (one compiled call per group of
-    arrays on the same devices, cached by JAX); anything else goes through numpy.
-    Waits for the arrays' values.
+    `jax.Array`s are reduced on their own devices (all dispatched, then one
+    transfer of the sums); anything else goes through numpy. Waits for the
+    arrays' values.
 
     **Arguments:**
 
@@ -100,19 +101,18 @@ def fingerprints(arrays: Sequence[Any]) -> list[str]:
     **Returns:** one string per array, in order; equal to `fingerprint_host` of
     the same values.
     """
-    out: list[str | None] = [None] * len(arrays)
-    groups: dict[Any, list[int]] = {}
-    for n, x in enumerate(arrays):
-        if isinstance(x, jax.Array):
-            devices = tuple(sorted(d.id for d in x.sharding.device_set))
-            groups.setdefault(devices, []).append(n)
-        else:
-            out[n] = fingerprint_host(np.asarray(x))
-    for members in groups.values():
-        sums = _device_fingerprints([arrays[n] for n in members])
-        for n, (a, b) in zip(members, jax.device_get(sums), strict=True):
-            out[n] = _format(int(a), int(b))
-    return [x for x in out if x is not None]
+    pending = {
+        n: _device_fingerprint_jit(x)
+        for n, x in enumerate(arrays)
+        if isinstance(x, jax.Array)
+    }
+    sums = jax.device_get(pending)
+    return [
+        _format(int(sums[n][0]), int(sums[n][1]))
+        if n in sums
+        else fingerprint_host(np.asarray(x))
+        for n, x in enumerate(arrays)
+    ]
 
 
 def fingerprint(x: Any) -> str:

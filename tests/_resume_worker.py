@@ -16,8 +16,8 @@ there. `--slow S` sleeps S seconds per step from then on, as a real step would
 take. The final state's arrays go to `--out` (a `.npz`).
 
 The loop is what a Trainer does: `raise_if_failed()` every step, `save` when due,
-and `PreemptionGuard.should_stop(step)`. The data position is written in samples
-(global rows) into every saved state; a resumed run starts at that sample.
+and `PreemptionGuard.should_stop(step)`. The step counts the data position in
+samples (global rows); a resumed run starts at that sample.
 
 Progress lines on stdout: `step N`, `resumed N`, `paused N`, `preempted N`,
 `saving N`, `error N <seconds since the failed save started>`, `done N`.
@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.mlp import MLP, cross_entropy_loss  # noqa: E402
@@ -80,13 +79,6 @@ def noisy_loss(model, batch, key):
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def at_sample(state, samples: int):
-    """`state` with its data position set to `samples` (global rows consumed)."""
-    position = state.data_position
-    value = jax.device_put(jnp.asarray(samples, position.dtype), position.sharding)
-    return eqx.tree_at(lambda s: s.data_position, state, value)
 
 
 def fill_disk(path: str, leave: int) -> None:
@@ -133,21 +125,18 @@ def main() -> int:
     else:
         state = train.init(make_model, 0)
     step = int(state.step)
-    samples = int(state.data_position)  # global rows: 0 on a fresh start
+    first = int(state.data_position) // BATCH  # samples -> batches
     slow, failing_since = 0.0, None
 
     def save(force: bool = False) -> bool:
-        return ckpt.save(
-            at_sample(state, samples), step=step, force=force, plan=plan, mesh=mesh
-        )
+        return ckpt.save(state, step=step, force=force, plan=plan, mesh=mesh)
 
     with PreemptionGuard() as guard:
-        for batch in data(samples // BATCH):
+        for batch in data(first):
             if step >= args.steps:
                 break
             state, _ = train.step(state, batch)
             step += 1
-            samples += BATCH
             time.sleep(slow)
             try:
                 ckpt.raise_if_failed()  # every step: a failed save stops the run
@@ -185,7 +174,7 @@ def main() -> int:
     save(force=True)
     ckpt.close()
     if args.out:
-        leaves = jax.tree.leaves(eqx.filter(at_sample(state, samples), eqx.is_array))
+        leaves = jax.tree.leaves(eqx.filter(state, eqx.is_array))
         np.savez(args.out, *[np.asarray(x) for x in leaves])
     say(f"done {step}")
     return 0

@@ -1,22 +1,31 @@
-"""Checkpoint throughput and the cost of an asynchronous save to the training loop.
+"""Checkpoint throughput, integrity and failure-check costs, and a kill-9 fuzz.
 
 Measures, for a ~100 MB TrainState (an MLP's weights and AdamW's two moments) laid
 out by a plan on (simulated) devices:
 
 - save and restore throughput (MB/s) of `tx.OrbaxCheckpoint` against raw Orbax calls
   (`CheckpointManager` + `StandardSave`/`StandardRestore` on the same arrays);
+- what integrity costs: computing every array's fingerprint (saved with it; MB/s),
+  and restore throughput with and without checking them (`restore(verify=...)`);
 - the first save in a process (one-time setup included) for both;
 - the time `save()` blocks the training loop once the step's arrays are ready
-  (async: until they are copied to host memory and the write is scheduled) as a
-  fraction of one step; and, all included (waiting for the step, losing the
-  dispatch-ahead, the background write competing for the CPU), the loop time added
-  per save and the slowdown with a save every `--save-every` steps.
+  (async: until they are fingerprinted, copied to host memory and the write is
+  scheduled) as a fraction of one step; and, all included (waiting for the step,
+  losing the dispatch-ahead, the background write competing for the CPU), the loop
+  time added per save and the slowdown with a save every `--save-every` steps;
+- the per-step checks a training loop makes: `raise_if_failed()` and
+  `PreemptionGuard.should_stop(step)` (one process), in microseconds.
+
+`--fuzz N` instead runs the kill-9 fuzz of `tests/_kill_fuzz.py` with N SIGKILLs
+(the test runs 8) and prints its report.
 
 Run:
 
 ```
 python benchmarks/checkpoint.py                 # 8 simulated CPU devices, FSDP
 python benchmarks/checkpoint.py --devices 1 --plan single
+python benchmarks/checkpoint.py --hidden 512 --repeat 1 --steps 10   # short check
+python benchmarks/checkpoint.py --fuzz 60       # the long kill-9 fuzz
 ```
 
 Prints a Markdown table and the command line. Medians over `--repeat` runs.
@@ -46,11 +55,35 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="loop steps per timing")
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--dir", default=None, help="where to write (default: a tmp dir)")
+    p.add_argument("--fuzz", type=int, default=None, help="run the kill-9 fuzz")
     return p.parse_args()
+
+
+def run_fuzz(kills: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _kill_fuzz import fuzz
+
+    with tempfile.TemporaryDirectory(prefix="titanax-fuzz-") as tmp:
+        print(fuzz(kills, Path(tmp)))
+    print(f"command: python benchmarks/checkpoint.py --fuzz {kills}")
+
+
+def per_call_us(fn, calls: int = 200_000) -> float:
+    """Median over 5 rounds of the time of one call of `fn`, in microseconds."""
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for n in range(calls):
+            fn(n)
+        rounds.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(rounds)
 
 
 def main() -> None:
     args = parse()
+    if args.fuzz is not None:
+        run_fuzz(args.fuzz)
+        return
     on_cpu = os.environ.get("JAX_PLATFORMS", "cpu") == "cpu"
     import jax
 
@@ -66,7 +99,7 @@ def main() -> None:
     from models.mlp import MLP, cross_entropy_loss
     from titanax._mesh import make_mesh
     from titanax._plan import DP, FSDP, TP, Plan
-    from titanax.checkpoint import OrbaxCheckpoint
+    from titanax.checkpoint import OrbaxCheckpoint, PreemptionGuard, fingerprints
     from titanax.optim import adamw
     from titanax.train import abstract_state, make_train_step
 
@@ -108,8 +141,17 @@ def main() -> None:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
+    # --- integrity: fingerprints ----------------------------------------------------
+    leaves = jax.tree.leaves(arrays)
+    fingerprints(leaves)  # compile
+    fp_times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        fingerprints(leaves)
+        fp_times.append(time.perf_counter() - t0)
+
     # --- Titanax --------------------------------------------------------------------
-    tx_first, tx_save, tx_restore = [], [], []
+    tx_first, tx_save, tx_restore, tx_unverified = [], [], [], []
     for r in range(args.repeat + 1):
         ckpt = OrbaxCheckpoint(fresh(f"tx{r}"), keep=None)
         t0 = time.perf_counter()
@@ -117,11 +159,12 @@ def main() -> None:
         ckpt.wait()
         (tx_first if r == 0 else tx_save).append(time.perf_counter() - t0)
         if r:
-            t0 = time.perf_counter()
-            restored = ckpt.restore(target, step=1)
-            jax.block_until_ready(restored)
-            tx_restore.append(time.perf_counter() - t0)
-            del restored
+            for verify, times in ((True, tx_restore), (False, tx_unverified)):
+                t0 = time.perf_counter()
+                restored = ckpt.restore(target, step=1, verify=verify)
+                jax.block_until_ready(restored)
+                times.append(time.perf_counter() - t0)
+                del restored
         ckpt.close()
 
     # --- raw Orbax (defaults) -------------------------------------------------------
@@ -171,6 +214,14 @@ def main() -> None:
         with_saves.append(total)
         blocked.extend(b)
 
+    # --- per-step checks -------------------------------------------------------------
+    ckpt = OrbaxCheckpoint(fresh("checks"))
+    check_us = per_call_us(lambda n: ckpt.raise_if_failed())
+    ckpt.close()
+    with PreemptionGuard() as guard:
+        guard_us = per_call_us(guard.should_stop)
+    empty_us = per_call_us(lambda n: None)
+
     med = statistics.median
     step_ms = med(plain) / args.steps * 1e3
     block_ms = med(blocked) * 1e3
@@ -184,13 +235,19 @@ def main() -> None:
     )
     rows = [
         ("save + wait (MB/s)", mbytes / med(tx_save), mbytes / med(ox_save)),
-        ("restore (MB/s)", mbytes / med(tx_restore), mbytes / med(ox_restore)),
+        (
+            "restore, fingerprints checked (MB/s)",
+            mbytes / med(tx_restore),
+            mbytes / med(ox_restore),
+        ),
+        ("restore, `verify=False` (MB/s)", mbytes / med(tx_unverified), None),
+        ("fingerprints of the state (MB/s)", mbytes / med(fp_times), None),
         ("first save in process (s)", tx_first[0], ox_first[0]),
     ]
     print("| measure | Titanax `OrbaxCheckpoint` | raw Orbax |")
     print("|---|---:|---:|")
     for name, a, b in rows:
-        print(f"| {name} | {a:.1f} | {b:.1f} |")
+        print(f"| {name} | {a:.1f} | {'-' if b is None else f'{b:.1f}'} |")
     print()
     print("| training loop | value |")
     print("|---|---:|")
@@ -205,6 +262,12 @@ def main() -> None:
         f"| loop slowdown, a save every {args.save_every} steps "
         f"(background write included) | {slowdown:+.1%} |"
     )
+    print()
+    print("| per-step check (one process) | µs per call |")
+    print("|---|---:|")
+    print(f"| `ckpt.raise_if_failed()` | {check_us - empty_us:.3f} |")
+    print(f"| `guard.should_stop(step)` | {guard_us - empty_us:.3f} |")
+    print(f"| (loop and lambda overhead, subtracted) | {empty_us:.3f} |")
     print(
         f"\ncommand: python benchmarks/checkpoint.py {' '.join(sys.argv[1:])}".rstrip()
     )

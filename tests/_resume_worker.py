@@ -4,15 +4,23 @@ Trains `models.mlp.MLP` with `tx.make_train_step` (DP over every device), saving
 every `--every` steps with `OrbaxCheckpoint`, under a `PreemptionGuard`. The loss
 adds input noise from the step's key, so a resumed run only matches if the RNG
 stream continues. Batches come from a re-iterable source indexed by position; a
-resumed run skips the `state.data_position` samples (whole batches) already read.
+resumed run skips `state.data_position` of them.
 
 Flags simulate failures: `--kill-after N` SIGKILLs the process after step N,
 `--pause-after N` waits after step N for a SIGTERM (sent by the test), and
 `--kill-during-save N` SIGKILLs the process right after the asynchronous save of
-step N has started. The final state's arrays go to `--out` (a `.npz`).
+step N has started. Disk failures (run under a tmpfs mount by the test):
+`--fill-disk-at N` fills the filesystem of `--dir` (leaving `--leave-free` bytes)
+just before the save of step N; `--read-only-at N` remounts `--mount` read-only
+there. `--slow S` sleeps S seconds per step from then on, as a real step would
+take. The final state's arrays go to `--out` (a `.npz`).
+
+The loop is what a Trainer does: `raise_if_failed()` every step, `save` when due,
+and `PreemptionGuard.should_stop(step)`. The step counts the data position in
+samples (global rows); a resumed run starts at that sample.
 
 Progress lines on stdout: `step N`, `resumed N`, `paused N`, `preempted N`,
-`saving N`, `done N`.
+`saving N`, `error N <seconds since the failed save started>`, `done N`.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.mlp import MLP, cross_entropy_loss  # noqa: E402
+from titanax._errors import CheckpointError  # noqa: E402
 from titanax._mesh import make_mesh  # noqa: E402
 from titanax._plan import DP, Plan  # noqa: E402
 from titanax.checkpoint import (  # noqa: E402
@@ -70,6 +81,13 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def fill_disk(path: str, leave: int) -> None:
+    """Write a junk file until `leave` bytes are free on `path`'s filesystem."""
+    free = shutil.disk_usage(path).free
+    with open(os.path.join(path, "junk"), "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
@@ -81,6 +99,12 @@ def main() -> int:
     p.add_argument("--kill-after", type=int, default=None)
     p.add_argument("--pause-after", type=int, default=None)
     p.add_argument("--kill-during-save", type=int, default=None)
+    p.add_argument("--fill-disk-at", type=int, default=None)
+    p.add_argument("--leave-free", type=int, default=256 * 1024)
+    p.add_argument("--read-only-at", type=int, default=None)
+    p.add_argument("--mount", default=None)
+    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--keep", type=int, default=3)
     args = p.parse_args()
 
     jax.config.update("jax_threefry_partitionable", True)
@@ -93,7 +117,7 @@ def main() -> int:
         return MLP(IN, OUT, hidden, key=key)
 
     train = make_train_step(noisy_loss, optimizer, plan, mesh)
-    ckpt = OrbaxCheckpoint(args.dir, keep=3, every=args.every)
+    ckpt = OrbaxCheckpoint(args.dir, keep=args.keep, every=args.every)
     if args.resume and ckpt.latest_step() is not None:
         target = abstract_state(make_model, plan, mesh, optimizer, key=0)
         state = ckpt.restore(target)
@@ -101,18 +125,38 @@ def main() -> int:
     else:
         state = train.init(make_model, 0)
     step = int(state.step)
-    position = int(state.data_position) // BATCH  # samples -> batches
+    first = int(state.data_position) // BATCH  # samples -> batches
+    slow, failing_since = 0.0, None
+
+    def save(force: bool = False) -> bool:
+        return ckpt.save(state, step=step, force=force, plan=plan, mesh=mesh)
 
     with PreemptionGuard() as guard:
-        for batch in data(position):
+        for batch in data(first):
             if step >= args.steps:
                 break
             state, _ = train.step(state, batch)
             step += 1
-            if ckpt.save(state, step=step, plan=plan, mesh=mesh):
-                say(f"saving {step}")
-                if step == args.kill_during_save:
-                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(slow)
+            try:
+                ckpt.raise_if_failed()  # every step: a failed save stops the run
+                if step in (args.fill_disk_at, args.read_only_at):
+                    ckpt.wait()
+                    if step == args.fill_disk_at:
+                        fill_disk(args.dir, args.leave_free)
+                    else:
+                        mount = args.mount or args.dir
+                        cmd = ["mount", "-o", "remount,ro", mount]
+                        subprocess.run(cmd, check=True)
+                    slow, failing_since = args.slow, time.monotonic()
+                if save():
+                    say(f"saving {step}")
+                    if step == args.kill_during_save:
+                        os.kill(os.getpid(), signal.SIGKILL)
+            except CheckpointError:
+                since = time.monotonic() - (failing_since or time.monotonic())
+                say(f"error {step} {since:.3f}")
+                raise
             say(f"step {step}")
             if step == args.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -121,13 +165,13 @@ def main() -> int:
                 deadline = time.monotonic() + 60
                 while not guard.requested and time.monotonic() < deadline:
                     time.sleep(0.01)
-            if guard.requested:  # preemption: finish this step, save, exit cleanly
-                ckpt.save(state, step=step, force=True, plan=plan, mesh=mesh)
+            if guard.should_stop(step):  # preemption: save this step, exit cleanly
+                save(force=True)
                 ckpt.close()
                 say(f"preempted {step}")
                 return 0
 
-    ckpt.save(state, step=step, force=True, plan=plan, mesh=mesh)
+    save(force=True)
     ckpt.close()
     if args.out:
         leaves = jax.tree.leaves(eqx.filter(state, eqx.is_array))

@@ -23,6 +23,7 @@ from titanax._cli import main as cli
 from titanax.checkpoint import (
     OrbaxCheckpoint,
     PreemptionGuard,
+    fingerprint_host,
     read_metadata,
 )
 from titanax.optim import adamw
@@ -376,9 +377,9 @@ def test_save_is_safe_against_donation(trained, tmp_path):
     ckpt.close()
 
 
-def test_metadata_is_readable_json(saved):
+def test_metadata_is_readable_json(trained, saved):
     meta = json.loads((saved / "2" / "meta" / "metadata").read_text())
-    assert meta["format"] == "titanax-checkpoint/1"
+    assert meta["format"] == "titanax-checkpoint/2"
     assert meta["step"] == 2 and meta["data_position"] == 2 * 16  # samples
     assert meta["mesh"]["shape"] == {"data": 8}
     assert meta["mesh"]["axis_names"] == ["data"]
@@ -394,7 +395,9 @@ def test_metadata_is_readable_json(saved):
         "dtype": "float32",
         "spec": [None, None],
         "bytes": 2048,
+        "fingerprint": fingerprint_host(trained[1][0]),
     }
+    assert len(meta["leaves"]) == len(trained[1])
     assert OrbaxCheckpoint(saved).metadata()["step"] == 2
 
 

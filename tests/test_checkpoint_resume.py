@@ -1,10 +1,13 @@
-"""Exact resume across processes: SIGKILL, SIGTERM (preemption), kill during a save.
+"""Exact resume across processes: SIGKILL, SIGTERM (preemption), kill during a save,
+and a kill-9 fuzz.
 
 Each test runs `_resume_worker.py` (30 steps of a small MLP, DP over 2 CPU devices,
 a checkpoint every 5 steps) in subprocesses and compares the final state with an
 uninterrupted run's: params, Adam state, step, RNG and data position must be
 bitwise equal. Children share a JAX compilation cache, so only the first one
-compiles. Every wait has a timeout; a child that overruns is killed.
+compiles. Every wait has a timeout; a child that overruns is killed. The fuzz
+(`_kill_fuzz.py`) SIGKILLs a run 8 times at random moments, most while a save is
+written; its long mode is `python benchmarks/checkpoint.py --fuzz 60`.
 """
 
 import os
@@ -183,3 +186,16 @@ def test_kill_during_an_async_save_keeps_the_previous_step(env, tmp_path):
         manager.wait()
         assert manager.steps() == [5, 10]
     assert jax.devices()  # the parent's devices were untouched by the children
+
+
+def test_kill9_fuzz_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    from _kill_fuzz import fuzz
+
+    report = fuzz(8, tmp_path, seed=1)
+    print(f"\n{report}")
+    assert report.kills == 8
+    assert report.mid_save >= 4  # most kills land while a save is being written
+    # Every resume started from the newest finished step (checked per kill), and
+    # the steps on disk only move forward.
+    assert report.resumed_from == sorted(report.resumed_from)
+    assert report.equal

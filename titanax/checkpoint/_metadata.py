@@ -8,7 +8,8 @@ A step directory written by `OrbaxCheckpoint` looks like this (Orbax's layout):
 ```
 
 A save in progress lives in `<path>/<step>.orbax-checkpoint-tmp-*` and is renamed
-when complete, so only all-digit directory names are finished steps.
+when complete, so only all-digit directory names are finished steps. Reading
+validates the document against its versioned schema (`_schema.py`).
 """
 
 from __future__ import annotations
@@ -29,19 +30,19 @@ from jax.sharding import Mesh, NamedSharding
 
 from .._axes import path_str
 from .._errors import CheckpointError
+from ._schema import FORMAT, validate_metadata
 
 __all__ = [
-    "FORMAT",
     "META_FILE",
     "build_metadata",
     "check_config",
     "format_spec",
     "leaf_key",
+    "leaf_records",
     "read_metadata",
     "scan",
 ]
 
-FORMAT = "titanax-checkpoint/1"
 STATE_ITEM = "state"
 META_ITEM = "meta"
 META_FILE = f"{META_ITEM}/metadata"
@@ -83,11 +84,26 @@ def format_spec(spec: list[Any] | None) -> str:
 
 
 def leaf_records(tree: Any) -> list[dict[str, Any]]:
-    """One record per array of `tree`: path, key, shape, dtype, spec, bytes."""
+    """One record per array of `tree`: path, key, shape, dtype, spec, bytes.
+
+    **Raises:** `CheckpointError` for a typed PRNG key array (save its
+    `jax.random.key_data`, as `TrainState.rng` does).
+    """
     records = []
     for keypath, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not eqx.is_array(x):
             continue
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            where = path_str(tree, keypath)
+            raise CheckpointError(
+                f"Expected arrays of numbers, got a typed PRNG key array "
+                f"({x.dtype}) at `{where}`.",
+                path=where,
+                suggestion=(
+                    "Store `jax.random.key_data(key)` and rebuild the key with "
+                    "`jax.random.wrap_key_data` after restoring."
+                ),
+            )
         dtype = np.dtype(x.dtype)
         records.append(
             {
@@ -165,12 +181,21 @@ def build_metadata(
     plan: Any = None,
     mesh: Mesh | None = None,
     config: Any = None,
+    fingerprints: list[str],
 ) -> dict[str, Any]:
     """The JSON document saved beside the arrays of `state` at `step`.
+
+    `fingerprints` holds one value per array of `state`, in leaf order
+    (`_fingerprint.fingerprints`).
 
     **Raises:** `CheckpointError` if `config` is not JSON-serialisable.
     """
     check_config(config)
+    leaves = leaf_records(state)
+    if len(leaves) != len(fingerprints):
+        raise ValueError(f"{len(leaves)} leaves but {len(fingerprints)} fingerprints")
+    for leaf, value in zip(leaves, fingerprints, strict=True):
+        leaf["fingerprint"] = value
     now = time.time()
     return {
         "format": FORMAT,
@@ -185,14 +210,24 @@ def build_metadata(
         "plan": plan.describe() if plan is not None else None,
         "state_type": type(state).__name__,
         "config": config,
-        "leaves": leaf_records(state),
+        "leaves": leaves,
     }
 
 
 def read_metadata(path: str | os.PathLike[str], step: int) -> dict[str, Any]:
-    """The JSON metadata of `step` under checkpoint directory `path`.
+    """The JSON metadata of `step` under checkpoint directory `path`, validated.
 
-    **Raises:** `CheckpointError` naming the file if it is missing or not JSON.
+    Reads only the JSON: no JAX devices, no Orbax.
+
+    **Arguments:**
+
+    - `path`: the checkpoint directory (as given to `OrbaxCheckpoint`).
+    - `step`: the step.
+
+    **Returns:** the document (see `docs/checkpoints.md` for its fields).
+
+    **Raises:** `CheckpointError` naming the file if it is missing, not JSON, or
+    fails its format's schema (naming the field, what was expected and found).
     """
     file = Path(path) / str(step) / META_FILE
     try:
@@ -206,23 +241,23 @@ def read_metadata(path: str | os.PathLike[str], step: int) -> dict[str, Any]:
                 "step (`titanax checkpoint ls PATH` lists them)."
             ),
         ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"Checkpoint step {step}: `{file}` cannot be read as UTF-8 text "
+            f"({type(e).__name__}: {e}).",
+            path=str(file),
+            suggestion="Restore another step, or delete this step's directory.",
+        ) from None
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(
             f"Checkpoint step {step}: `{file}` is not valid JSON ({e}); the file "
             "is truncated or damaged.",
             path=str(file),
             suggestion="Restore another step, or delete this step's directory.",
         ) from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(
-            f"Checkpoint step {step}: `{file}` holds a {type(meta).__name__}, "
-            "expected a JSON object.",
-            path=str(file),
-            suggestion="Restore another step, or delete this step's directory.",
-        )
-    return meta
+    return validate_metadata(meta, step=step, file=file)
 
 
 def dir_size(path: Path) -> int:

@@ -1,8 +1,16 @@
-"""`PreemptionGuard`: turn SIGTERM into a flag a training loop polls.
+"""`PreemptionGuard`: SIGTERM as a stop step that every process agrees on.
 
 Schedulers (Slurm, Kubernetes, cloud spot VMs) announce preemption with SIGTERM and
 a grace period before SIGKILL. The default handler kills the process mid-step; the
-guard instead records the request so the loop can finish its step, save, and exit.
+guard instead lets the loop finish its step, save, and exit.
+
+With several processes the signal may reach only some of them, at different steps;
+if each stopped on its own, they would save different steps (or hang in the save's
+collectives). JAX's preemption service (started by `jax.distributed.initialize`)
+solves exactly this: its handler reports SIGTERM to the coordinator, and
+`jax.experimental.multihost_utils.reached_preemption_sync_point(step)` becomes True
+on every process at the same step. `should_stop(step)` is that call on many
+processes, and the local flag (one attribute read) on one.
 """
 
 from __future__ import annotations
@@ -14,22 +22,34 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+import jax
+from jax.experimental import multihost_utils
+
 from .._errors import CheckpointError
 
 __all__ = ["PreemptionGuard"]
 
 
 class PreemptionGuard:
-    """A context manager that catches termination signals and sets a flag.
+    """A context manager that turns termination signals into an agreed stop step.
 
-    Inside the `with` block, the first SIGTERM (or any of `signals`) sets
-    `requested`; the loop should finish the current step, save and return. A
-    second one of the same signal is passed to the previous handler (by default:
-    the process terminates), so a stuck run can still be stopped. On exit the
-    previous handlers are restored.
+    Call `should_stop(step)` once per training step, with the same step numbers on
+    every process. It returns True at one step, the same on every process, after
+    any process received a termination signal (or called `request()`): the loop
+    then saves that step on all processes and exits.
+
+    - One process: inside the `with` block, the first signal sets `requested`
+        and `should_stop` returns it (one attribute read, ~0.05 µs). A second one
+        of the same signal goes to the previous handler (by default the process
+        terminates), so a stuck run can still be stopped.
+    - Several processes (`jax.distributed` initialised): SIGTERM is left to JAX's
+        preemption handler, and `should_stop` asks JAX's preemption sync point
+        (~10–20 µs a call, no device work). Other `signals` and `request()` are
+        forwarded to it as a SIGTERM to this process. Every process must call
+        `should_stop` at every step, starting from the same step.
 
     Signal handlers can only be installed from the main thread; elsewhere the guard
-    installs nothing, and `requested` is only set by `request()`.
+    installs nothing and only `request()` stops the run.
 
     **Arguments:**
 
@@ -40,10 +60,11 @@ class PreemptionGuard:
         with tx.PreemptionGuard() as guard:
             for batch in data:
                 state, metrics = step(state, batch)
-                if guard.requested:
-                    ckpt.save(state, force=True)
+                n += 1
+                if guard.should_stop(n):          # same n on every process
+                    ckpt.save(state, step=n, force=True)
                     ckpt.wait()
-                    break
+                    raise SystemExit(75)          # EX_TEMPFAIL: requeue me
         ```
     """
 
@@ -56,22 +77,39 @@ class PreemptionGuard:
             )
         self.signals = signals
         self.signal: int | None = None
-        self._requested = threading.Event()
+        self.requested = False
         self._previous: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        # Decided on entry (or the first call): asking JAX for the process count
+        # here would start its backend before `jax.distributed.initialize`.
+        self._many: bool | None = None
 
-    @property
-    def requested(self) -> bool:
-        """Whether a caught signal (or `request()`) asked the run to stop."""
-        return self._requested.is_set()
+    def should_stop(self, step: int) -> bool:
+        """Whether the loop should save `step` and stop; the same on every process.
+
+        **Arguments:**
+
+        - `step`: the step just finished (an int, increasing by one per call).
+        """
+        many = self._many
+        if many is None:
+            many = self._many = _multiprocess()
+        if not many:
+            return self.requested
+        return multihost_utils.reached_preemption_sync_point(step)
 
     def request(self, signum: int | None = None) -> None:
-        """Set `requested`, as a caught signal would (for other stop sources)."""
-        if not self._requested.is_set():
-            self.signal = signum
-        self._requested.set()
+        """Ask the run to stop, as a caught signal would (for other stop sources)."""
+        with self._lock:
+            first = not self.requested
+            if first:
+                self.signal = signum
+                self.requested = True
+        if first and signum != signal.SIGTERM and _multiprocess():
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption handler
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if not self._requested.is_set():
+        if not self.requested:
             self.request(signum)
             return
         # A second signal: the user (or scheduler) insists. Defer to the old handler.
@@ -83,8 +121,11 @@ class PreemptionGuard:
             os.kill(os.getpid(), signum)
 
     def __enter__(self) -> PreemptionGuard:
+        self._many = _multiprocess()
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
+                if self._many and signum == signal.SIGTERM:
+                    continue  # JAX's own handler reports it to the coordinator
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -92,3 +133,23 @@ class PreemptionGuard:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+
+def _multiprocess() -> bool:
+    """True when several processes run and JAX's preemption service is on.
+
+    **Raises:** `CheckpointError` if several processes run without it.
+    """
+    if jax.process_count() == 1:
+        return False
+    if not jax.config.jax_enable_preemption_service:  # pyright: ignore[reportAttributeAccessIssue]
+        raise CheckpointError(
+            f"Expected JAX's preemption service with {jax.process_count()} "
+            "processes, got `jax_enable_preemption_service=False`: the processes "
+            "could not agree on a step to stop at.",
+            suggestion=(
+                "Leave `jax_enable_preemption_service` on (the default) before "
+                "`jax.distributed.initialize`."
+            ),
+        )
+    return True

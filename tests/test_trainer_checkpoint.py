@@ -125,7 +125,7 @@ def test_resume_without_checkpoint_is_an_error():
 
 def test_resume_from_a_path_without_checkpoints_is_an_error(tmp_path):
     trainer = _trainer()
-    with pytest.raises(tx.CheckpointError, match="found none"):
+    with pytest.raises(tx.CheckpointError, match="Expected a checkpoint directory"):
         trainer.fit(_data(), steps=1, resume=str(tmp_path / "typo"))
     assert trainer.state is None or int(trainer.state.step) == 0
 

@@ -48,7 +48,6 @@ from .._checks import (
 from .._errors import (
     ArgumentError,
     BatchError,
-    CheckpointError,
     DataExhaustedError,
     DataExhaustedWarning,
     NonFiniteError,
@@ -62,7 +61,7 @@ from .._flops import step_flops
 from .._mesh import make_mesh
 from .._plan import Plan
 from .._sharding import check_model_factory
-from ..checkpoint import PreemptionGuard
+from ..checkpoint import OrbaxCheckpoint, PreemptionGuard
 from ..loggers import (
     Basic,
     Logger,
@@ -398,19 +397,8 @@ class Trainer:
     def _resume(self, state: TrainState, resume: bool | str) -> TrainState:
         checkpoint = self.checkpoint
         if isinstance(resume, str):
-            from ..checkpoint import OrbaxCheckpoint
-
-            checkpoint = OrbaxCheckpoint(resume)
-            if checkpoint.latest_step() is None:
-                raise CheckpointError(
-                    f"Expected a checkpoint to resume from at `{resume}`, found none.",
-                    path=resume,
-                    suggestion=(
-                        "Check the path (a typo starts nothing), or pass "
-                        "`resume=True` to resume from the Trainer's checkpoint when "
-                        "there is one."
-                    ),
-                )
+            # A path must hold a checkpoint: a typo must not start from step 0.
+            checkpoint = OrbaxCheckpoint.existing(resume)
         if checkpoint is None:
             raise ArgumentError(
                 "Expected a checkpoint to resume from with `fit(resume=True)`, got a "
@@ -692,6 +680,8 @@ class _Loop:
         assert program is not None
         run, check = program.run, program.leaves
         checkpoint, log_every = trainer.checkpoint, trainer.log_every
+        # A failed background save raises at the next step, not at the next save.
+        saves_failed = getattr(checkpoint, "raise_if_failed", None)
         drop_last, continue_on_error = self.drop_last, trainer.continue_on_error
         arrays = self.arrays
         profile, histograms_every = trainer.profile, trainer.histograms_every
@@ -749,13 +739,16 @@ class _Loop:
             # Read and checked while the step runs; its transfer is part of the next
             # (asynchronous) dispatch.
             batch = self.read(source)
+            if saves_failed is not None:
+                saves_failed()
             if checkpoint is not None and checkpoint.should_save(step):
                 self.check_nonfinite(step)  # never save after a bad step
                 trainer.save(self.current(step), step)
             if step % log_every == 0:
                 self.log(step, metrics, meter, step - last_logged, timer)
                 timer, last_logged = time.perf_counter(), step
-            if guard is not None and guard.requested:
+            # The same answer on every process for the same step: all save it.
+            if guard is not None and guard.should_stop(step):
                 self.preempted(step)
         if metrics and step != last_logged and meter is not None:
             self.log(step, metrics, meter, step - last_logged, timer)

@@ -12,7 +12,6 @@ Every wait has a timeout; a process that dies fails the test with its exit code
 and stderr.
 """
 
-import inspect
 import json
 import os
 import signal
@@ -32,7 +31,7 @@ import pytest
 import titanax as tx
 from titanax.checkpoint import OrbaxCheckpoint
 from titanax.checkpoint._metadata import scan
-from titanax.train import _trainer, abstract_state
+from titanax.train import abstract_state
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
 TIMEOUT_S = 180
@@ -45,20 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# `guard.requested` is one process's flag; the processes only agree through
-# `guard.should_stop(step)`, which a Trainer must call every step.
-TRAINER_AGREES = "should_stop(" in inspect.getsource(_trainer)
-
-
 @pytest.fixture(scope="module", params=["loop", "trainer"])
 def preempted(request, tmp_path_factory):
     """Run the two workers, SIGTERM process 1 after step 8; (results, directory)."""
-    if request.param == "trainer" and not TRAINER_AGREES:
-        pytest.skip(
-            "this Trainer polls `guard.requested`, a per-process flag, so processes "
-            "cannot agree on a stop step; it needs `guard.should_stop(step)` every "
-            "step (docs/checkpoints.md)"
-        )
     path = tmp_path_factory.mktemp(request.param) / "ckpt"
     extra = ["--trainer"] if request.param == "trainer" else []
     env = dict(os.environ)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import draccus
 import jax
+import numpy as np
 import pytest
 
 import titanax as tx
@@ -178,6 +179,73 @@ BAD = [
         r"Expected `models.gpt` to define `NoSuchThing`",
         id="bad-import-path",
     ),
+    pytest.param(
+        ["checkpoint.resume=true"],
+        {},
+        "checkpoint.path",
+        r"Expected `checkpoint.path` \(where to resume from\) with "
+        r"`checkpoint.resume: true`, got none",
+        id="resume-without-a-checkpoint",
+    ),
+    pytest.param(
+        ["data.seed=-1"],
+        {},
+        "data.seed",
+        r"Expected `data.seed` in \[0, 4294967296\), got -1",
+        id="negative-data-seed",
+    ),
+    pytest.param(
+        ["logging.peak_flops_per_device=0"],
+        {},
+        "logging.peak_flops_per_device",
+        r"Expected `logging.peak_flops_per_device` > 0 \(FLOP/s\), got 0.0",
+        id="zero-peak-flops",
+    ),
+    pytest.param(
+        ["data.stride=0"],
+        {},
+        "data.stride",
+        r"`data.stride` to be an integer >= 1, got 0",
+        id="zero-stride",
+    ),
+    pytest.param(
+        ["data.path=no/such/corpus.txt"],
+        {},
+        "data.path",
+        r"Expected a token file at `no/such/corpus.txt`, found none\. \(from "
+        r"`data.path`\)",
+        id="missing-data-file",
+    ),
+    pytest.param(
+        ["data.source=tokens", "data.path=train.bin", "data.dtype=float32"],
+        {},
+        "data.dtype",
+        r"Expected a numpy integer dtype at `data.dtype`, got 'float32'",
+        id="float-token-dtype",
+    ),
+    pytest.param(
+        ["data.seq_len=64"],
+        {},
+        "data.seq_len",
+        r"Expected `data.seq_len` <= the model's context length 16 "
+        r"\(`block_size`\), got 64",
+        id="window-longer-than-the-model",
+    ),
+    pytest.param(
+        ["data.source=function", "data.function=numpy:arange", "data.kwargs={}"],
+        {},
+        "data.kwargs",
+        r"Expected `data.kwargs` to be the keyword arguments of `numpy:arange`",
+        id="function-kwargs",
+    ),
+    pytest.param(
+        ["data.source=function", "data.function=itertools:count"],
+        {},
+        "data.function",
+        r"Expected a random-access source \(an object with `__len__` and "
+        r"`__getitem__\(int\)`\), got count",
+        id="function-returns-a-stream",
+    ),
 ]
 
 
@@ -195,21 +263,115 @@ def test_example_configs_load_and_build():
         config = load_config(CONFIGS / f"{name}.yaml", env={})
         run = build_run(config, loggers=[])
         assert run.trainer.plan == run.plan
-        batch = next(run.data.batches(0, run.plan, run.mesh))
+        assert isinstance(run.data, tx.data.Pipeline)
+        with run.data.batches(0, run.plan, run.mesh) as batches:
+            batch = next(batches)
         assert batch["x"].shape[0] == config.data.batch_size  # one process: all rows
     assert dict(run.mesh.shape) == {"data": 2, "model": 2, "pipe": 2}
     assert run.tokens_per_sample == 32  # the model's block_size
 
 
-def test_text_windows_are_reproducible_and_next_token(tmp_path):
+def test_trainer_gets_the_logging_and_profile_sections():
+    overrides = [
+        "logging.histograms_every=4",
+        "logging.peak_flops_per_device=1.5e12",
+        "profile.start=3",
+        "profile.steps=2",
+        "data.seq_len=8",
+    ]
+    run = build_run(load_config(GPT, overrides), loggers=[])
+    trainer = run.trainer
+    assert trainer.histograms_every == 4
+    assert trainer.peak_flops_per_device == 1.5e12
+    assert trainer.profile is not None
+    assert (trainer.profile.start, trainer.profile.stop_at) == (3, 5)
+    assert trainer.tokens_per_sample == run.tokens_per_sample == 8
+    assert run.data.global_batch(0)["x"].shape == (8, 8)
+    defaults = build_run(load_config(GPT), loggers=[]).trainer
+    assert defaults.profile is None and defaults.histograms_every is None
+    assert defaults.peak_flops_per_device is None  # the Trainer picks the rate
+
+
+def test_digits_function_source_is_a_shuffled_pipeline():
+    config = load_config(CONFIGS / "mnist_dp.yaml", env={})
+    data = build_run(config, loggers=[]).data
+    assert isinstance(data.source, tx.data.ArraySource)
+    assert data.samples_per_epoch == 1797 and data.global_batch_size == 64
+    # One epoch of 28 batches (1,792 samples) visits 1,792 distinct digits.
+    images = data.source.arrays["x"].reshape(1797, -1)  # (N, 64)
+    seen = set()
+    first = data.global_batch(0)["x"].reshape(64, -1)  # (B, 64)
+    assert not (first == images[:64]).all()  # shuffled, not the file's order
+    for b in range(28):
+        x = data.global_batch(b * 64)["x"].reshape(64, -1)  # (B, 64)
+        # Each row is one source image: find it (the digits are distinct rows).
+        rows = np.nonzero((images[None] == x[:, None]).all(-1))[1]
+        seen.update(rows.tolist())
+    assert len(seen) == 28 * 64
+    assert data.metadata()["order"] == "numpy"  # an epoch under 2**16 samples
+
+
+def test_text_windows_pipeline(tmp_path):
     text = tmp_path / "t.txt"
     text.write_bytes(bytes(range(200)))
-    config = load_config(
-        GPT, ["data.path=" + str(text), "data.seq_len=8", "data.seed=3"]
-    )
-    data = build_run(config, loggers=[]).data
-    first = data.global_batch(5)
+    base = [f"data.path={text}", "data.seq_len=8", "data.batch_size=8"]
+
+    def pipeline(*more):
+        return build_run(load_config(GPT, [*base, *more]), loggers=[]).data
+
+    data = pipeline("data.seed=3")
+    assert isinstance(data.source, tx.data.TextWindows)
+    # Non-overlapping windows of 8 + 1 bytes: starts 0, 8, ..., 184 (24 windows).
+    assert data.samples_per_epoch == 24
+    first = data.global_batch(16)
     assert (first["y"][:, :-1] == first["x"][:, 1:]).all()  # y is x shifted by one
     assert (first["y"] - first["x"] == 1).all()  # bytes 0..199 count up
-    again = build_run(config, loggers=[]).data.global_batch(5)
-    assert (again["x"] == first["x"]).all()
+    starts = first["x"][:, 0]
+    assert set((starts % 8).tolist()) == {0}
+    again = pipeline("data.seed=3").global_batch(16)
+    assert (again["x"] == first["x"]).all()  # the same seed, the same batch
+    other = pipeline("data.seed=4").global_batch(16)
+    assert (other["x"] != first["x"]).any()
+    # In order, with every start: sample g is the window at byte g.
+    ordered = pipeline("data.shuffle=false", "data.stride=1")
+    assert ordered.samples_per_epoch == 200 - 8
+    np.testing.assert_array_equal(
+        ordered.global_batch(40)["x"][:, 0], np.arange(40, 48)
+    )
+    # Past the first epoch, samples come from the next one (a stream without end).
+    assert data.num_batches() is None
+    epoch_two = data.global_batch(24)["x"][:, 0]
+    assert set((epoch_two % 8).tolist()) == {0}
+
+
+BAD_FILES = [
+    pytest.param(
+        b"0123456789",
+        ["data.seq_len=16"],
+        "data.path",
+        r"\(from `data.path`\)",
+        id="text-shorter-than-a-window",
+    ),
+    pytest.param(
+        b"abc",
+        ["data.source=tokens", "data.dtype=uint16"],
+        "data.path",
+        r"Expected a file of whole uint16 tokens \(a multiple of 2 bytes\), got 3 "
+        r"bytes",
+        id="token-file-not-whole-tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize("content, overrides, path, match", BAD_FILES)
+def test_bad_data_files_fail_before_compiling(
+    tmp_path, content, overrides, path, match
+):
+    file = tmp_path / "data.bin"
+    file.write_bytes(content)
+    config = load_config(GPT, [f"data.path={file}", *overrides])
+    with _no_compilation():
+        with pytest.raises(tx.ConfigError, match=match) as info:
+            build_run(config, loggers=[])
+    assert info.value.path == path
+    assert info.value.suggestion

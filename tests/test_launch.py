@@ -21,6 +21,8 @@ from titanax._launch import free_port, rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_TP = str(ROOT / "examples" / "configs" / "gpt_small_tp.yaml")
+# The cheapest example config to start: where only the processes' ends are tested.
+MNIST_DP = str(ROOT / "examples" / "configs" / "mnist_dp.yaml")
 TITANAX = [sys.executable, "-m", "titanax"]
 STARTUP_S = 400  # JAX start-up and compilation on a busy 2-core machine
 
@@ -95,7 +97,7 @@ def _wait_for(path: Path, text: str, procs: list[subprocess.Popen]) -> None:
 def test_launch_stops_everything_when_a_rank_dies(tmp_path):
     out = tmp_path / "out.txt"
     cmd = [*TITANAX, "launch", "-n", "2", "--devices-per-process", "4", "--"]
-    cmd += [*TITANAX, "train", GPT_TP, "steps=100000", "logging.every=1"]
+    cmd += [*TITANAX, "train", MNIST_DP, "steps=100000", "logging.every=1"]
     with out.open("w") as f:
         launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=f)
     try:
@@ -130,7 +132,7 @@ def test_heartbeat_ends_the_survivor_without_a_launcher(tmp_path):
     procs = []
     for i in range(2):
         env = rank_env(_env(), i, 2, port, devices_per_process=4)
-        cmd = [*TITANAX, "train", GPT_TP, "steps=100000", "logging.every=1"]
+        cmd = [*TITANAX, "train", MNIST_DP, "steps=100000", "logging.every=1"]
         with outs[i].open("w") as f:
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=f))
     try:

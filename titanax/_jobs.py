@@ -14,8 +14,9 @@ from . import _distributed as distributed
 from . import loggers as tlog
 from ._errors import ConfigError
 from ._explain import bytes_per_device, explain
-from .config import Config, build_run
+from .config import Config, Run, build_run
 from .config import train as train_config
+from .train import TrainState, abstract_state
 
 __all__ = [
     "explain_config",
@@ -86,14 +87,39 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
 
 
+def _abstract_state(run: Run) -> tuple[TrainState, str]:
+    """The state the run's Trainer would place, as `ShapeDtypeStruct`s with their
+    shardings (nothing allocated), and the word `"abstract"`.
+
+    A pipelined plan is the exception: `tx.abstract_state` builds its state with a
+    step that has no `tx.Stage`, which a `pp` plan requires, so that state is placed
+    (`"placed"`: each device holds its shard) until `abstract_state` takes one.
+    """
+    trainer = run.trainer
+    if run.plan.pp is not None:
+        return trainer.init_state(), "placed"
+    step = trainer.train_step
+    state = abstract_state(
+        run.make_model,
+        run.plan,
+        run.mesh,
+        trainer.optimizer,
+        trainable=step.trainable,
+        precision=step.precision,
+        key=trainer.seed,
+    )
+    return state, "abstract"
+
+
 def explain_config(
     config: Config, *, device_memory: int | None = None
 ) -> tuple[str, dict[str, Any]]:
     """Compile the step of a config ahead of time and report it, without training.
 
-    The model and optimizer state are placed (each device holds only its shard),
-    one batch is read, and the step is lowered and compiled for the configured mesh;
-    nothing runs.
+    The step is compiled for the configured mesh against the abstract state
+    (`tx.abstract_state`: shapes, dtypes and shardings) and the shapes of one batch
+    of the data: nothing is placed on the devices and nothing runs, so a model
+    larger than this host's memory can be explained.
 
     **Arguments:**
 
@@ -102,30 +128,47 @@ def explain_config(
 
     **Returns:** `(text, report)`: the printable report (plan table, memory, FLOPs,
     collectives, fits or not) and its numbers as a dict (`memory` from
-    `step_memory`, `flops_per_device`, `flops_per_step`, `devices`, `fits`,
-    `compile_s`, `state_bytes_per_device`, `batch_bytes_per_device`).
+    `step_memory`, `flops_per_device`, `flops_per_step`, `devices`, `mesh`, `fits`,
+    `compile_s`, `state_bytes_per_device`, `batch_bytes_per_device`,
+    `output_arrays`, and `state`: `"abstract"`, or `"placed"` for a pipelined plan,
+    whose state `tx.abstract_state` cannot build yet).
+
+    !!! Example
+
+        ```python
+        text, report = explain_config(load_config("run.yaml"), device_memory=80e9)
+        report["memory"]["peak"]  # bytes one device needs for the step
+        ```
     """
     run = build_run(config, loggers=[])
     trainer = run.trainer
-    state = trainer.init_state()
-    batch = next(iter(run.data.batches(0, run.plan, run.mesh)))
+    state, kind = _abstract_state(run)
+    with run.data.batches(0, run.plan, run.mesh) as batches:
+        batch = next(batches)  # its shapes only: it is never placed
     started = time.perf_counter()
     program = trainer.train_step.compile(state, batch)
-    compiled = trainer.train_step.lower(state, batch).compile()
+    layout = program.batch
+    batch_shapes = [
+        jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for shape, dtype, sharding in zip(
+            layout.shapes, layout.dtypes, layout.shardings, strict=True
+        )
+    ]
+    compiled = program.lower(program.flatten(state), batch_shapes).compile()
     compile_s = time.perf_counter() - started
     memory = step_memory(compiled)
     flops = _flops(compiled)
     devices = run.mesh.size
-    placed_batch = program.place(batch)
     report: dict[str, Any] = {
         "devices": devices,
         "mesh": dict(run.mesh.shape),
+        "state": kind,
         "memory": memory,
         "flops_per_device": flops,
         "flops_per_step": None if flops is None else flops * devices,
         "compile_s": compile_s,
         "state_bytes_per_device": bytes_per_device(program.flatten(state)),
-        "batch_bytes_per_device": bytes_per_device(placed_batch),
+        "batch_bytes_per_device": bytes_per_device(batch_shapes),
         "fits": None if device_memory is None else memory["peak"] <= device_memory,
         "output_arrays": len(jax.tree.leaves(compiled.output_shardings)),
     }
@@ -136,7 +179,16 @@ def explain_config(
         hlo_text=compiled.as_text(),
         extra_bytes_per_device={"optimizer state": bytes_per_device(state.opt_state)},
     )
-    lines = [str(table), "", f"Compiled step ({compile_s:.2f} s), per device:"]
+    compiled_for = (
+        "abstract state: nothing placed"
+        if kind == "abstract"
+        else "placed state (a pipelined plan)"
+    )
+    lines = [
+        str(table),
+        "",
+        f"Compiled step ({compile_s:.2f} s, {compiled_for}), per device:",
+    ]
     for name in ("arguments", "outputs", "aliased", "temporaries", "code", "peak"):
         lines.append(f"  {name + ':':<13}{_gb(memory[name]):>14}")
     if flops is not None:

@@ -8,13 +8,11 @@ through (`precision=`, `checkpoint=`, ...).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 
-from . import loggers as tlog
 from . import optim
 from ._errors import MeshError
 from ._mesh import make_mesh
@@ -22,12 +20,6 @@ from ._plan import DP, TP, Plan
 from .train import Trainer
 
 __all__ = ["simple_data_parallel", "simple_tensor_parallel"]
-
-
-def _default_loggers() -> list[Any]:
-    if tlog.Progress.available(sys.stdout):
-        return [tlog.Progress()]
-    return [tlog.Basic()]
 
 
 def simple_data_parallel(
@@ -51,7 +43,8 @@ def simple_data_parallel(
     - `lr`: the learning rate of the default optimizer.
     - `devices`: the devices to use; default all.
     - `axis`: the mesh axis name.
-    - `loggers`: default a progress bar on a terminal, `tx.loggers.Basic()` else.
+    - `loggers`: default (None) the Trainer's: a progress bar on a terminal,
+        `tx.loggers.Basic()` lines otherwise.
     - `**trainer_kwargs`: more `tx.Trainer` arguments.
 
     **Returns:** a `tx.Trainer` over the mesh `{axis: len(devices)}`.
@@ -70,7 +63,7 @@ def simple_data_parallel(
         optimizer=optim.adamw(lr) if optimizer is None else optimizer,
         loss=loss,
         mesh=mesh,
-        loggers=_default_loggers() if loggers is None else loggers,
+        loggers=loggers,
         **trainer_kwargs,
     )
 
@@ -139,6 +132,6 @@ def simple_tensor_parallel(
         optimizer=optim.adamw(lr) if optimizer is None else optimizer,
         loss=loss,
         mesh=mesh,
-        loggers=_default_loggers() if loggers is None else loggers,
+        loggers=loggers,
         **trainer_kwargs,
     )

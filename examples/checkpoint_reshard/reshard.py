@@ -3,9 +3,11 @@
 1. Train the byte-level GPT on a `data=4 x model=2` mesh for `--steps` steps and save
    a checkpoint (with the resolved config beside it).
 2. Restore that checkpoint onto a `data=2 x model=4` mesh: Orbax reads each array
-   straight into its new sharding. Check every array equals the saved one exactly,
-   and that the tensor-parallel weights are now split 4 ways.
-3. Go on training on TP=4 for `--more` steps and check the losses equal those of an
+   straight into its new sharding (the target is `tx.abstract_state`: nothing is
+   placed first). Check every array equals the saved one exactly, and that the
+   tensor-parallel weights are now split 4 ways.
+3. Go on training on TP=4 for `--more` steps (the data continues at the
+   checkpoint's global sample) and check the losses equal those of an
    uninterrupted TP=2 run over the same batches (to 1e-5: the two layouts sum in
    different orders).
 
@@ -76,7 +78,11 @@ def main() -> None:
         ],
     )
     run = tx.config.build_run(second, loggers=[])
-    restored = run.trainer.checkpoint.restore(run.trainer.init_state())
+    # The restore target: shapes and TP=4 shardings, nothing allocated.
+    target = tx.abstract_state(
+        run.make_model, run.plan, run.mesh, run.trainer.optimizer
+    )
+    restored = run.trainer.checkpoint.restore(target)
     same = jax.tree.map(
         lambda a, b: bool(np.array_equal(a, b)),
         saved_host,

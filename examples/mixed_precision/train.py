@@ -52,7 +52,7 @@ def train(compute: str, steps: int) -> dict[int, tuple[float, float]]:
         trace[step] = (metrics["loss"], 1.0 if scale is None else float(scale.scale))
 
     run = tx.config.build_run(tx.config.load_config(CONFIG, overrides), hooks=[record])
-    run.trainer.fit(run.data.batches(0, run.plan, run.mesh), steps=steps)
+    run.trainer.fit(run.data, steps=steps)
     return trace
 
 

@@ -3,7 +3,8 @@ type-checked by draccus into dataclasses, then built into a run.
 
 `load_config(path, overrides)` gives a `Config`; `build_run(config)` checks it
 against the devices and model (before any compilation) and makes the Trainer and
-the data; `titanax train CONFIG [key=value ...]` does both and trains.
+the data (a `titanax.data.Pipeline`); `titanax train CONFIG [key=value ...]` does
+both and trains.
 """
 
 from ._build import Run as Run
@@ -11,10 +12,7 @@ from ._build import build_run as build_run
 from ._build import make_loggers as make_loggers
 from ._build import make_mesh_for as make_mesh_for
 from ._build import make_plan as make_plan
-from ._data import Batches as Batches
-from ._data import Windows as Windows
 from ._data import make_data as make_data
-from ._data import process_rows as process_rows
 from ._imports import resolve as resolve
 from ._load import apply_overrides as apply_overrides
 from ._load import config_to_dict as config_to_dict

@@ -7,7 +7,6 @@ the config key.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,22 +19,15 @@ from .. import optim
 from .._errors import ConfigError, TitanaxError
 from .._mesh import make_mesh
 from .._plan import DP, FSDP, PP, TP, Plan
+from ..data import Pipeline
 from ..train import Precision, Trainer
-from ._data import Batches, Windows, make_data
+from ._data import make_data
 from ._imports import resolve
 from ._load import config_to_dict
 from ._presets import PRESETS
 from ._schema import Config, PlanConfig
 
-__all__ = [
-    "Run",
-    "build_run",
-    "histogram_hook",
-    "make_loggers",
-    "make_mesh_for",
-    "make_plan",
-    "peak_flops_for",
-]
+__all__ = ["Run", "build_run", "make_loggers", "make_mesh_for", "make_plan"]
 
 
 def _as_config_error(error: TitanaxError, where: str) -> ConfigError:
@@ -212,62 +204,35 @@ def make_loggers(config: Config, stream: Any = None) -> list[Any]:
     return out
 
 
+def _profile(config: Config) -> tlog.Profile | None:
+    p = config.profile
+    if p.start is None:
+        return None
+    try:
+        return tlog.Profile(p.start, p.steps, p.dir)
+    except TitanaxError as e:
+        raise _as_config_error(e, "profile") from None
+
+
 @dataclasses.dataclass
 class Run:
-    """What `build_run` makes: call `trainer.fit(data.batches(0, plan, mesh), ...)`
-    (or let `titanax train` do it).
+    """What `build_run` makes: call `trainer.fit(data, steps=config.steps)` (or let
+    `titanax train` do it).
 
-    **Fields:** `config`, `trainer`, `data` (a pipeline with `global_batch_size`
-    and `batches(start, plan, mesh)`), `mesh`, `plan`, `make_model` (`key -> model`),
+    **Fields:** `config`, `trainer`, `data` (a `tx.data.Pipeline`: the Trainer
+    reads this process's rows of each global batch from the state's
+    `data_position`), `mesh`, `plan`, `make_model` (`key -> model`),
     `abstract_model` (its shapes), `tokens_per_sample`.
     """
 
     config: Config
     trainer: Trainer
-    data: Windows | Batches
+    data: Pipeline
     mesh: Mesh
     plan: Plan
     make_model: Callable[..., Any]
     abstract_model: Any
     tokens_per_sample: int | None
-
-
-def histogram_hook(loggers: list[Any], every: int, rules: Any = ()) -> Any:
-    """A Trainer hook that sends per-layer parameter norms to the loggers'
-    `histograms` every `every` steps (at log steps: make `every` a multiple of
-    `logging.every`). Gradient norms need the step itself (see `layer_norms`)."""
-    norms = jax.jit(lambda model: tlog.layer_norms(model, rules))
-
-    def hook(step: int, metrics: Any, trainer: Trainer) -> None:
-        del metrics
-        if step % every == 0 and trainer.state is not None:
-            values = jax.device_get(norms(trainer.state.model))
-            tlog.emit(loggers, "histograms", step, {"param_norm": values})
-
-    return hook
-
-
-def peak_flops_for(config: Config, mesh: Mesh) -> float | None:
-    """The mesh's peak FLOP/s for the configured compute type (for MFU), or None
-    where the devices are not in `tx.loggers.PEAK_FLOPS` (CPUs).
-
-    float32 matmuls run at the TF32 tensor-core rate on NVIDIA GPUs and as bf16
-    passes on TPUs at JAX's default precision, so fp32 is measured against those.
-    """
-    device = mesh.devices.flat[0]
-    compute = config.precision.compute
-    if compute == "fp32":
-        kind = {"gpu": "tf32", "tpu": "bf16"}.get(device.platform, "fp32")
-    else:
-        kind = "bf16"
-    peak = tlog.peak_flops_per_device(device, dtype=kind)
-    return None if peak is None else peak * mesh.size
-
-
-def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments `fn` takes (the Trainer grows keywords over time)."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def build_run(
@@ -313,8 +278,19 @@ def build_run(
             f"{need * max(1, config.data.batch_size // need)}.",
         )
     block = getattr(getattr(abstract, "config", None), "block_size", None)
-    data = make_data(config.data, block if isinstance(block, int) else None)
-    tokens = getattr(data, "seq_len", None)
+    block = block if isinstance(block, int) else None
+    seq_len = config.data.seq_len
+    if block is not None and seq_len is not None and seq_len > block:
+        raise ConfigError(
+            f"Expected `data.seq_len` <= the model's context length {block} "
+            f"(`block_size`), got {seq_len}.",
+            path="data.seq_len",
+            suggestion=f"Use `data.seq_len: {block}` (or leave it unset), or a "
+            f"larger `model.kwargs.block_size`.",
+        )
+    data = make_data(config.data, block)
+    # Windows of tokens know their length; other sources have no tokens.
+    tokens = getattr(data.source, "window", None)
     checkpoint = None
     if config.checkpoint.path is not None:
         from ..checkpoint import OrbaxCheckpoint
@@ -332,7 +308,9 @@ def build_run(
             raise _as_config_error(e, "checkpoint") from None
     if loggers is None:
         loggers = make_loggers(config, stream)
-    kwargs = dict(
+    trainer = Trainer(
+        make_model,
+        plan,
         optimizer=_optimizer(config),
         loss=loss,
         mesh=mesh,
@@ -342,17 +320,13 @@ def build_run(
         log_every=config.logging.every,
         seed=config.seed,
         on_nonfinite=config.on_nonfinite,
+        hooks=list(hooks or []),
         tokens_per_sample=tokens,
-        peak_flops=peak_flops_for(config, mesh),
+        peak_flops_per_device=config.logging.peak_flops_per_device,
         stage=stage,
+        histograms_every=config.logging.histograms_every,
+        profile=_profile(config),
     )
-    all_hooks = list(hooks or [])
-    if config.logging.histograms_every is not None:
-        every = config.logging.histograms_every
-        all_hooks.append(histogram_hook(loggers, every, plan.rules))
-    if all_hooks:
-        kwargs["hooks"] = all_hooks
-    trainer = Trainer(make_model, plan, **_accepted(Trainer, kwargs))
     return Run(
         config=config,
         trainer=trainer,

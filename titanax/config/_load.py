@@ -209,8 +209,9 @@ def _check_values(config: Config) -> None:
         "logging.every": config.logging.every,
         "profile.steps": config.profile.steps,
     }
-    if config.data.seq_len is not None:
-        positive["data.seq_len"] = config.data.seq_len
+    for key in ("seq_len", "stride", "epochs"):
+        if (value := getattr(config.data, key)) is not None:
+            positive[f"data.{key}"] = value
     if config.checkpoint.every is not None:
         positive["checkpoint.every"] = config.checkpoint.every
     if config.logging.histograms_every is not None:
@@ -222,6 +223,33 @@ def _check_values(config: Config) -> None:
                 path=where,
                 suggestion=f"Set `{where}` to a positive integer.",
             )
+    ranges = {
+        "data.seed": (config.data.seed, 2**32, "a seed in [0, 2**32), e.g. 0"),
+        "data.num_workers": (config.data.num_workers, None, "0 (read in threads)"),
+    }
+    for where, (value, stop, fix) in ranges.items():
+        if value < 0 or (stop is not None and value >= stop):
+            bound = f"in [0, {stop})" if stop is not None else ">= 0"
+            raise ConfigError(
+                f"Expected `{where}` {bound}, got {value!r}.",
+                path=where,
+                suggestion=f"Set `{where}` to {fix}.",
+            )
+    peak = config.logging.peak_flops_per_device
+    if peak is not None and not peak > 0:
+        raise ConfigError(
+            f"Expected `logging.peak_flops_per_device` > 0 (FLOP/s), got {peak!r}.",
+            path="logging.peak_flops_per_device",
+            suggestion="Set it to one device's peak, e.g. `989e12` (H100 bf16), or "
+            "`null` for the datasheet rate.",
+        )
+    if config.checkpoint.resume and not config.checkpoint.path:
+        raise ConfigError(
+            "Expected `checkpoint.path` (where to resume from) with "
+            "`checkpoint.resume: true`, got none.",
+            path="checkpoint.path",
+            suggestion="Set `checkpoint.path: runs/my_run` (the interrupted run's).",
+        )
     model = config.model
     if (model.preset is None) == (model.factory is None):
         got = "both" if model.preset else "neither"
@@ -237,7 +265,7 @@ def _check_values(config: Config) -> None:
             "Expected `data.function` (an import path) with `data.source: "
             "function`, got none.",
             path="data.function",
-            suggestion="Set `data.function: pkg.mod:batches`.",
+            suggestion="Set `data.function: pkg.mod:load` (it returns the samples).",
         )
     if data.source == "tokens" and not data.path:
         raise ConfigError(

@@ -116,22 +116,39 @@ class PrecisionConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """Where batches come from (see `titanax.config.make_data`).
+    """Where samples come from: a `titanax.data.Pipeline` (see
+    `titanax.config.make_data` and docs/data.md).
+
+    Sample `g` of the stream is sample `g % N` of epoch `g // N` of an `N`-sample
+    source, shuffled per epoch by `seed`; global batch `b` is samples
+    `[b B, (b + 1) B)`. Each process reads only its rows, and a resumed run
+    continues at the checkpoint's global sample (`TrainState.data_position`).
 
     **Fields:**
 
-    - `source`: `"text"` (a byte-level text file: tokens are bytes, vocabulary 256),
-        `"tokens"` (a flat binary file of token ids, nanoGPT's `.bin`) or
-        `"function"` (an import path that yields global batches).
+    - `source`: `"text"` (windows of a text file's bytes: a byte-level tokenizer,
+        vocabulary 256; `tx.data.TextWindows`), `"tokens"` (windows of a flat binary
+        file of token ids, nanoGPT's `.bin`; `tx.data.TokenWindows`) or
+        `"function"` (an import path that returns a random-access source).
     - `path`: the file for `text` and `tokens`. Without one, `text` reads the Python
         standard library's own source (1 MB, on every machine).
-    - `dtype`: the token dtype of a `tokens` file.
-    - `function`, `kwargs`: for `source: function`, `fn(*, batch_size, seed,
-        **kwargs)` returning an iterable of global batches (dicts of numpy arrays).
+    - `dtype`: the token dtype of a `tokens` file (`uint16`, or `uint32` above
+        65,536 tokens).
+    - `function`, `kwargs`: for `source: function`, `fn(**kwargs)` returning a
+        random-access source (`__len__` and `__getitem__(int)`, e.g. a
+        `tx.data.ArraySource`) or a dict of numpy arrays with one row per sample.
     - `batch_size`: the global batch size (all processes together).
     - `seq_len`: tokens per sample for `text` and `tokens`; default: the model's
         context length (`block_size`).
-    - `seed`: seeds the random windows (the same on every process).
+    - `stride`: tokens between the starts of consecutive windows; default
+        `seq_len` (non-overlapping: each token is a target once per epoch); `1`
+        makes every position a window start.
+    - `shuffle`: shuffle each epoch (globally, by `seed` and the epoch).
+    - `seed`: the shuffle seed, in `[0, 2**32)` (the same on every process).
+    - `epochs`: passes over the source; `null` (default) streams forever. A run
+        whose data ends before `steps` stops there with a warning.
+    - `num_workers`: worker processes reading batches ahead (Grain's
+        `mp_prefetch`); 0 reads in threads of the training process.
     """
 
     source: Literal["text", "tokens", "function"] = "text"
@@ -141,7 +158,11 @@ class DataConfig:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     batch_size: int = 16
     seq_len: int | None = None
+    stride: int | None = None
+    shuffle: bool = True
     seed: int = 0
+    epochs: int | None = None
+    num_workers: int = 0
 
 
 @dataclasses.dataclass
@@ -161,8 +182,10 @@ class LoggingConfig:
 
     `console`: `auto` (a progress bar on a terminal, lines otherwise), `basic`,
     `compact`, `progress` or `none`. `csv` and `tensorboard` are paths (none when
-    unset). `histograms_every`: per-layer norm histograms to TensorBoard every this
-    many steps.
+    unset). `histograms_every`: per-layer parameter and gradient norm histograms to
+    TensorBoard every this many steps. `peak_flops_per_device`: one device's peak
+    FLOP/s, for MFU; by default the datasheet rate of known GPUs and TPUs at the
+    compute type (`tx.loggers.peak_flops_per_device`; none on CPU: no MFU).
     """
 
     every: int = 10
@@ -170,6 +193,7 @@ class LoggingConfig:
     csv: str | None = None
     tensorboard: str | None = None
     histograms_every: int | None = None
+    peak_flops_per_device: float | None = None
 
 
 @dataclasses.dataclass

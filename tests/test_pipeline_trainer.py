@@ -72,3 +72,22 @@ def test_pp_plan_needs_a_stage_and_no_accumulation():
     mesh2 = tx.make_mesh(jax.devices()[:4], data=1, pipe=4)
     with pytest.raises(tx.PipelineError, match="replace accumulation"):
         tx.make_train_step(loss, optax.sgd(0.1), accumulating, mesh2, stage=TOY_STAGE)
+
+
+def test_abstract_state_of_a_pipelined_run_matches_init():
+    mesh = tx.make_mesh(jax.devices()[:4], pipe=4)
+    plan = tx.Plan(pp=tx.PP("pipe", microbatches=4))
+    abstract = tx.abstract_state(
+        lambda key: Toy(key), plan, mesh, optax.adamw(1e-2), stage=TOY_STAGE
+    )
+    step = tx.make_train_step(
+        lambda m, b, k: _toy_loss(m, b), optax.adamw(1e-2), plan, mesh, stage=TOY_STAGE
+    )
+    real = step.init(lambda key: Toy(key), 0)
+    for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real), strict=True):
+        assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)
+    assert abstract.model.layers.w.sharding.spec[0] == "pipe"
+    # A pipelined step compiles against it: nothing allocated.
+    batch = _batches(1)[0]
+    memory = step.lower(abstract, batch).compile().memory_analysis()
+    assert memory.argument_size_in_bytes > 0

@@ -154,3 +154,22 @@ def test_an_iterator_that_raises_leaves_a_checkpoint_of_the_last_good_step(tmp_p
     assert checkpoint.latest_step() == 5
     restored = checkpoint.restore(trainer.state)
     _assert_same(restored.model, trainer.state.model)
+
+
+def _pipeline(seed=0):
+    arrays = {
+        k: np.stack([b[k] for b in _data(6)]).reshape(-1, b_dim)
+        for k, b_dim in (("x", 8), ("y", 2))
+    }
+    return tx.data.Pipeline(tx.data.ArraySource(arrays), 16, seed=seed)
+
+
+def test_a_pipeline_resumes_at_its_sample_and_checks_its_order(tmp_path):
+    whole = _trainer().fit(_pipeline(), steps=10)
+    _trainer(tmp_path).fit(_pipeline(), steps=4)
+    meta = tx.OrbaxCheckpoint(tmp_path).metadata(4)
+    assert meta["data_position"] == 4 * 16 and meta["data"]["seed"] == 0
+    resumed = _trainer(tmp_path).fit(_pipeline(), steps=10, resume=True)
+    _assert_same(resumed.model, whole.model)  # read on from sample 64, in O(1)
+    with pytest.warns(UserWarning, match="order changed .*seed"):
+        _trainer(tmp_path).fit(_pipeline(seed=1), steps=11, resume=True)

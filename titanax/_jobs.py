@@ -14,6 +14,7 @@ from . import _distributed as distributed
 from . import loggers as tlog
 from ._errors import ConfigError
 from ._explain import bytes_per_device, explain
+from ._flops import step_flops
 from .config import Config, Run, build_run
 from .config import train as train_config
 from .train import TrainState, abstract_state
@@ -74,41 +75,25 @@ def step_memory(compiled: Any) -> dict[str, int]:
     return out
 
 
-def _flops(compiled: Any) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):  # older JAX: one dict per program
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
 
 
-def _abstract_state(run: Run) -> tuple[TrainState, str]:
+def _abstract_state(run: Run) -> TrainState:
     """The state the run's Trainer would place, as `ShapeDtypeStruct`s with their
-    shardings (nothing allocated), and the word `"abstract"`.
-
-    A pipelined plan is the exception: `tx.abstract_state` builds its state with a
-    step that has no `tx.Stage`, which a `pp` plan requires, so that state is placed
-    (`"placed"`: each device holds its shard) until `abstract_state` takes one.
-    """
+    shardings: nothing is allocated."""
     trainer = run.trainer
-    if run.plan.pp is not None:
-        return trainer.init_state(), "placed"
     step = trainer.train_step
-    state = abstract_state(
+    return abstract_state(
         run.make_model,
         run.plan,
         run.mesh,
         trainer.optimizer,
         trainable=step.trainable,
         precision=step.precision,
+        stage=step.stage,
         key=trainer.seed,
     )
-    return state, "abstract"
 
 
 def explain_config(
@@ -130,8 +115,7 @@ def explain_config(
     collectives, fits or not) and its numbers as a dict (`memory` from
     `step_memory`, `flops_per_device`, `flops_per_step`, `devices`, `mesh`, `fits`,
     `compile_s`, `state_bytes_per_device`, `batch_bytes_per_device`,
-    `output_arrays`, and `state`: `"abstract"`, or `"placed"` for a pipelined plan,
-    whose state `tx.abstract_state` cannot build yet).
+    `output_arrays`, and `state`: `"abstract"`, nothing placed).
 
     !!! Example
 
@@ -142,7 +126,7 @@ def explain_config(
     """
     run = build_run(config, loggers=[])
     trainer = run.trainer
-    state, kind = _abstract_state(run)
+    state = _abstract_state(run)
     with run.data.batches(0, run.plan, run.mesh) as batches:
         batch = next(batches)  # its shapes only: it is never placed
     started = time.perf_counter()
@@ -154,15 +138,17 @@ def explain_config(
             layout.shapes, layout.dtypes, layout.shardings, strict=True
         )
     ]
-    compiled = program.lower(program.flatten(state), batch_shapes).compile()
+    arguments = (program.flatten(state), batch_shapes)
+    compiled = program.lower(*arguments).compile()
     compile_s = time.perf_counter() - started
     memory = step_memory(compiled)
-    flops = _flops(compiled)
     devices = run.mesh.size
+    total = step_flops(compiled, program.run, arguments, devices)
+    flops = None if total is None else total / devices
     report: dict[str, Any] = {
         "devices": devices,
         "mesh": dict(run.mesh.shape),
-        "state": kind,
+        "state": "abstract",
         "memory": memory,
         "flops_per_device": flops,
         "flops_per_step": None if flops is None else flops * devices,
@@ -179,11 +165,7 @@ def explain_config(
         hlo_text=compiled.as_text(),
         extra_bytes_per_device={"optimizer state": bytes_per_device(state.opt_state)},
     )
-    compiled_for = (
-        "abstract state: nothing placed"
-        if kind == "abstract"
-        else "placed state (a pipelined plan)"
-    )
+    compiled_for = "abstract state: nothing placed"
     lines = [
         str(table),
         "",

@@ -181,6 +181,7 @@ def build_metadata(
     plan: Any = None,
     mesh: Mesh | None = None,
     config: Any = None,
+    data: Any = None,
     fingerprints: list[str],
 ) -> dict[str, Any]:
     """The JSON document saved beside the arrays of `state` at `step`.
@@ -188,9 +189,14 @@ def build_metadata(
     `fingerprints` holds one value per array of `state`, in leaf order
     (`_fingerprint.fingerprints`).
 
-    **Raises:** `CheckpointError` if `config` is not JSON-serialisable.
+    `data` describes the input pipeline whose `data_position` the state holds
+    (`titanax.data.Pipeline.metadata()`), so a resume can check it reads the same
+    sample order.
+
+    **Raises:** `CheckpointError` if `config` or `data` is not JSON-serialisable.
     """
     check_config(config)
+    check_config(data)
     leaves = leaf_records(state)
     if len(leaves) != len(fingerprints):
         raise ValueError(f"{len(leaves)} leaves but {len(fingerprints)} fingerprints")
@@ -210,6 +216,7 @@ def build_metadata(
         "plan": plan.describe() if plan is not None else None,
         "state_type": type(state).__name__,
         "config": config,
+        "data": data,
         "leaves": leaves,
     }
 

@@ -312,6 +312,7 @@ class OrbaxCheckpoint:
         step: int | None = None,
         plan: Any = None,
         mesh: Mesh | None = None,
+        data: Any = None,
     ) -> bool:
         """Save the arrays of `state` if `force` or `every` divides the step.
 
@@ -329,6 +330,9 @@ class OrbaxCheckpoint:
             `state.step` waits for the device to finish that step.
         - `plan`, `mesh`: recorded in the metadata (`titanax checkpoint ls`). The mesh
             defaults to that of the state's first sharded array.
+        - `data`: a JSON-able description of the input pipeline (what
+            `titanax.data.Pipeline.metadata()` returns), recorded so that a resume
+            can check it reads the same sample order.
 
         **Returns:** whether a save was started. A step already saved is not saved
         again (returns False).
@@ -355,6 +359,7 @@ class OrbaxCheckpoint:
             plan=plan,
             mesh=mesh,
             config=self.config,
+            data=data,
             fingerprints=fingerprints(jax.tree.leaves(arrays)),
         )
         try:

@@ -98,6 +98,10 @@ def _schema(version: int) -> dict[str, Any]:
                 "platform and processes",
             ),
             "plan": _described({"type": ["string", "null"]}, "a string or null"),
+            "data": _described(
+                {"type": ["object", "null"]},
+                "null or an object describing the data pipeline",
+            ),
             "state_type": _described(_STRING, "a string"),
             "leaves": _described(
                 {"type": "array", "items": _leaf(version)}, "a list of leaf records"

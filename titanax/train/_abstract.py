@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .._axes import is_arraylike
 from .._plan import Plan
 from .._sharding import shardings
+from ..parallel.pipeline import Stage
 from ._precision import Precision
 from ._state import TrainState
 from ._step import Trainable, TrainStep, opt_state_shardings, trainable_mask
@@ -37,6 +38,7 @@ def abstract_state(
     *,
     trainable: Trainable | None = None,
     precision: Precision | None = None,
+    stage: Stage | None = None,
     key: jax.Array | int = 0,
 ) -> TrainState:
     """The `TrainState` that `tx.make_train_step(...).init(model, key)` would build,
@@ -54,6 +56,7 @@ def abstract_state(
     - `optimizer`: the Optax transformation the state's `opt_state` belongs to.
     - `trainable`, `precision`: as for `tx.make_train_step`; they decide which
         arrays have optimizer state and whether a loss scale exists.
+    - `stage`: with a `PP` plan, the `tx.Stage` (as for `tx.make_train_step`).
     - `key`: as for `init` (only its type matters here).
 
     **Returns:** a `TrainState` whose array leaves are
@@ -73,6 +76,7 @@ def abstract_state(
         mesh,
         trainable=trainable,
         precision=precision,  # type: ignore[arg-type]
+        stage=stage,
     )
     traced = eqx.filter_eval_shape(lambda m: builder.init(m, key), model)
     spec = jax.tree.unflatten(

@@ -377,7 +377,7 @@ class Trainer:
         self.stop_reason = None
         state = self.init_state()
         if resume is not False:
-            state = self._resume(state, resume)
+            state = self._resume(state, resume, data)
         first_step = int(jax.device_get(state.step))
         self._log_header(total_steps=steps, start_step=first_step)
         if steps is not None and first_step >= steps:
@@ -394,7 +394,7 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------
 
-    def _resume(self, state: TrainState, resume: bool | str) -> TrainState:
+    def _resume(self, state: TrainState, resume: bool | str, data: Any) -> TrainState:
         checkpoint = self.checkpoint
         if isinstance(resume, str):
             # A path must hold a checkpoint: a typo must not start from step 0.
@@ -418,14 +418,27 @@ class Trainer:
         started = time.perf_counter()
         restored = checkpoint.restore(state)
         self._event("restore checkpoint", time.perf_counter() - started)
+        if _is_pipeline(data) and callable(getattr(data, "check_resume", None)):
+            saved = checkpoint.metadata(int(restored.step)).get("data")
+            if saved:  # warns if the sample order changed since the save
+                data.check_resume(saved)  # type: ignore[attr-defined]
         self.state = restored
         return restored
 
-    def save(self, state: TrainState, step: int, *, force: bool = False) -> None:
-        """Save `state` (at `step`) to the Trainer's checkpoint, if any."""
+    def save(
+        self, state: TrainState, step: int, *, force: bool = False, data: Any = None
+    ) -> None:
+        """Save `state` (at `step`) to the Trainer's checkpoint, if any; `data` (a
+        `titanax.data` pipeline) is described in its metadata."""
         if self.checkpoint is not None:
+            describe = getattr(data, "metadata", None)
             self.checkpoint.save(
-                state, step=step, force=force, plan=self.plan, mesh=self.mesh
+                state,
+                step=step,
+                force=force,
+                plan=self.plan,
+                mesh=self.mesh,
+                data=describe() if _is_pipeline(data) and callable(describe) else None,
             )
 
     # --- logging --------------------------------------------------------------------
@@ -743,7 +756,7 @@ class _Loop:
                 saves_failed()
             if checkpoint is not None and checkpoint.should_save(step):
                 self.check_nonfinite(step)  # never save after a bad step
-                trainer.save(self.current(step), step)
+                trainer.save(self.current(step), step, data=self.data)
             if step % log_every == 0:
                 self.log(step, metrics, meter, step - last_logged, timer)
                 timer, last_logged = time.perf_counter(), step
@@ -966,7 +979,7 @@ class _Loop:
                 stacklevel=4,
             )
             return
-        trainer.save(self.current(step), step, force=True)
+        trainer.save(self.current(step), step, force=True, data=self.data)
         trainer.checkpoint.wait()
 
     def state_after(self, step: int, end: int | None, strict: bool) -> TrainState:

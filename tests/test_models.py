@@ -319,7 +319,7 @@ def test_every_gpt_weight_names_its_logical_axes():
             assert dims is not None, f"{cls.__name__}.{field} has no dims"
             # Stacked blocks carry a leading layers dim the annotation leaves out.
             assert len(dims) + extra == value.ndim, (cls.__name__, field, dims)
-    assert _dims(Block, "w_qkv") == ("embed", "3", "heads", "head_dim")
+    assert _dims(Block, "w_qkv") == ("embed", "heads", "3", "head_dim")
     assert _dims(Block, "w_attn_out") == ("heads", "head_dim", "embed")
     assert _dims(GPT, "wte") == ("vocab", "embed")
     assert _dims(GPT, "lm_head") == ("embed", "vocab")

@@ -184,8 +184,8 @@ def test_gpt_parity_composed(reference, data, model_size, pipe, microbatches, sc
         assert tuple(grads.blocks.w_qkv.sharding.spec)[:4] == (
             "pipe",
             None,
-            None,
             "model",
+            None,
         )
         assert tuple(grads.blocks.w_mlp_in.sharding.spec) == ("pipe", None, "model")
         shard = grads.blocks.w_mlp_in.addressable_shards[0].data
@@ -296,9 +296,9 @@ def test_trainer_adamw_matches_single_device(
     ):
         got, want = np.asarray(got), np.asarray(want)
         name = jax.tree_util.keystr(path)
-        if name == ".blocks.b_qkv":  # (layers, 3, heads, head_dim)
-            np.testing.assert_allclose(got[:, 1], want[:, 1], atol=STEPS * LR)
-            got, want = got[:, [0, 2]], want[:, [0, 2]]
+        if name == ".blocks.b_qkv":  # (layers, heads, 3, head_dim)
+            np.testing.assert_allclose(got[:, :, 1], want[:, :, 1], atol=STEPS * LR)
+            got, want = got[:, :, [0, 2]], want[:, :, [0, 2]]
         assert _l2_rel(got, want) <= RTOL, (name, _l2_rel(got, want))
 
 

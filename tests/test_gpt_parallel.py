@@ -174,7 +174,9 @@ def test_trainer_adamw_steps_match_one_device(reference):
 # ----------------------------------------------------------------------------
 # Communication and memory: `baby` with 2 layers, TP=4 (and DP=2 x TP=4)
 
-BABY = GPTConfig.preset("baby", n_layer=2)
+# A scanned stack (`unroll=False`), so each layer's collectives sit in one loop body
+# that the counts below can find; unrolled, the same ops repeat per layer.
+BABY = GPTConfig.preset("baby", n_layer=2, unroll=False)
 B = 8  # global batch
 
 

@@ -27,7 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .gpt import REMAT_POLICIES, attention, loss_from_logits, run_layers
+from .gpt import (
+    REMAT_POLICIES,
+    attention,
+    loss_from_logits,
+    resolve_unroll,
+    run_layers,
+)
 
 __all__ = [
     "Llama",
@@ -83,8 +89,9 @@ class LlamaConfig:
     attention_bias: bool = False
     # Biases on the three MLP projections [mlp_bias].
     mlp_bias: bool = False
-    # How the stacked blocks are looped over: see `GPTConfig.unroll`.
-    unroll: bool | int = True
+    # How the stacked blocks are looped over: see `GPTConfig.unroll` (`None`:
+    # unrolled up to `UNROLL_MAX_LAYERS` layers, scanned beyond).
+    unroll: bool | int | None = None
     # Rematerialisation of each block in the backward pass: see `GPTConfig.remat`.
     remat: str = "none"
     # `jax.nn.dot_product_attention`'s `implementation`: `None` (XLA picks), `"xla"`
@@ -163,7 +170,6 @@ PRESETS: dict[str, LlamaConfig] = {
             ("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
             ("original_max_position_embeddings", 8192.0),
         ),
-        unroll=False,
     ),
 }  # fmt: skip
 
@@ -419,7 +425,7 @@ class Llama(eqx.Module):
             self.blocks,
             h,
             None,
-            unroll=self.config.unroll,
+            unroll=resolve_unroll(self.config.unroll, self.config.n_layer),
             remat=self.config.remat,
         )
         h = _rms_norm(h, self.norm, self.config.norm_eps).reshape(B * T, -1)

@@ -386,3 +386,7 @@ def test_layer_loop_and_remat_variants_compute_the_same(tokens):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(variant))
     with pytest.raises(ValueError, match="`remat` must be one of"):
         GPTConfig(remat="some")
+    # The default: shallow stacks unrolled, deep ones scanned.
+    assert GPTConfig.preset("baby").layer_unroll is True  # 4 layers
+    assert GPTConfig.preset("small").layer_unroll is False  # 12 layers
+    assert GPTConfig.preset("small", unroll=3).layer_unroll == 3

@@ -328,7 +328,7 @@ def test_every_gpt_weight_names_its_logical_axes():
 def test_models_know_nothing_of_meshes():
     # Plans (e.g. gpt_plans.py) live beside the models and may name mesh axes.
     root = Path(__file__).resolve().parents[1] / "models"
-    for name in ["__init__.py", "mlp.py", "cnn.py", "gpt.py"]:
+    for name in ["__init__.py", "mlp.py", "cnn.py", "gpt.py", "gpt2.py", "llama.py"]:
         path = root / name
         source = path.read_text()
         for banned in ["jax.sharding", "shard_map", "with_sharding_constraint"]:

@@ -17,10 +17,10 @@ steps (the first compiles), `--steps` steps are timed, each waited for, and it p
 - compile time.
 
 Flags choose the rematerialisation policy (`--remat`: none, full, dots,
-dots_no_batch), the attention implementation (`--attention`: xla, cudnn, or
-`default` for `jax.nn.dot_product_attention`'s choice), the batch size and context,
-the precision, and whether the layers are unrolled (`--unroll`; default: a scan,
-whose compile time is flat in depth).
+dots_no_batch), the attention implementation (`--attention`: xla, cudnn,
+`default` for `jax.nn.dot_product_attention`'s choice, or explicit einsums), the
+batch size and context, the precision, and whether the layers are unrolled
+(`--unroll`; default: a scan, whose compile time is flat in depth).
 
     # one H200 (a few minutes including compilation):
     python benchmarks/gpu.py --batch 16 --attention cudnn --remat none --steps 50
@@ -86,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"]
     )
     p.add_argument(
-        "--attention", default="default", choices=["default", "xla", "cudnn"]
+        "--attention",
+        default="default",
+        choices=["default", "xla", "cudnn", "explicit"],
     )
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--unroll", action="store_true", help="unroll the 12 layers")

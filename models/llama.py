@@ -111,6 +111,10 @@ class LlamaConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"RoPE needs an even head size, got {self.head_dim}.")
+        if self.attention not in (None, "xla", "cudnn"):
+            raise ValueError(
+                f"`attention` must be None, 'xla' or 'cudnn', got {self.attention!r}."
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
                 f"`remat` must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."

@@ -348,7 +348,8 @@ def test_config_validation():
 
 def test_layer_loop_and_remat_variants_compute_the_same(tokens):
     # Unrolled (the default), scanned, scanned two of three layers at a time (a
-    # remainder), and rematerialised: the same loss and gradients.
+    # remainder), rematerialised, and attention written out: the same loss and
+    # gradients.
     base = GPTConfig.preset("tiny", n_layer=3)
     variants = [
         dict(unroll=True),
@@ -356,6 +357,7 @@ def test_layer_loop_and_remat_variants_compute_the_same(tokens):
         dict(unroll=2),
         dict(unroll=False, remat="full"),
         dict(unroll=True, remat="dots_no_batch"),
+        dict(attention="explicit"),  # einsums instead of dot_product_attention
     ]
     weights = jax.tree.leaves(GPT(base, key=jax.random.key(3)))
 

@@ -102,6 +102,19 @@ def configure_allocator(
         tx.simulate_cpu_devices(8)
         ```
     """
+    wanted = {
+        "mmap_threshold": (_M_MMAP_THRESHOLD, mmap_threshold),
+        "trim_threshold": (_M_TRIM_THRESHOLD, trim_threshold),
+    }
+    if arena_max is not None:
+        wanted["arena_max"] = (_M_ARENA_MAX, arena_max)
+    for name, (_, value) in wanted.items():
+        if not 0 < value <= _INT_MAX:
+            raise TitanaxError(
+                f"Expected `{name}` in [1, 2**31 - 1] bytes (mallopt takes a C int), "
+                f"got {value}.",
+                suggestion=f"Pass e.g. `{name}=1 << 30`.",
+            )
     libc = _libc()
     if libc is None:
         return {}
@@ -112,20 +125,8 @@ def configure_allocator(
             "first thing in the script.",
             stacklevel=2,
         )
-    wanted = {
-        "mmap_threshold": (_M_MMAP_THRESHOLD, mmap_threshold),
-        "trim_threshold": (_M_TRIM_THRESHOLD, trim_threshold),
-    }
-    if arena_max is not None:
-        wanted["arena_max"] = (_M_ARENA_MAX, arena_max)
     applied = {}
     for name, (param, value) in wanted.items():
-        if not 0 < value <= _INT_MAX:
-            raise TitanaxError(
-                f"Expected `{name}` in [1, 2**31 - 1] bytes (mallopt takes a C int), "
-                f"got {value}.",
-                suggestion=f"Pass e.g. `{name}=1 << 30`.",
-            )
         if libc.mallopt(param, value) == 1:
             applied[name] = value
         else:

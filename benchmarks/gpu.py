@@ -116,11 +116,14 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     return config
 
 
-def xla_flops(step: tx.TrainStep, state: tx.TrainState, batch: dict) -> float:
-    """FLOPs of one step from XLA's cost analysis of its lowering. Loops count once
-    there, so `run` lowers with the layers unrolled when measuring this."""
+def xla_flops(step: tx.TrainStep, state: tx.TrainState, batch: dict) -> float | None:
+    """FLOPs of one step from XLA's cost analysis of its lowering (None where the
+    backend gives none). Loops count once there, so `run` lowers with the layers
+    unrolled when measuring this."""
     costs = step.lower(state, batch).cost_analysis()
     costs = costs[0] if isinstance(costs, list) else costs
+    if not costs or "flops" not in costs:
+        return None
     return float(costs["flops"])
 
 
@@ -175,8 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, float | str | None]:
     peak = peak_flops(device, args.peak_flops)
     stats = device.memory_stats() or {}
 
-    def mfu(flops: float) -> float | None:
-        return None if peak is None else flops / step_s / peak
+    def mfu(flops: float | None) -> float | None:
+        return None if peak is None or flops is None else flops / step_s / peak
 
     return {
         "device": device.device_kind,
@@ -220,7 +223,7 @@ def report(r: dict) -> str:
         f"compile: {r['compile_s']:.1f} s",
         f"step: {r['step_ms_median']:.2f} ms median, {r['step_ms_mean']:.2f} ms mean",
         f"tokens/s: {r['tokens_per_s']:,.0f}",
-        f"FLOPs/step: XLA {r['flops_per_step_xla']:.4g}, "
+        f"FLOPs/step: XLA {r['flops_per_step_xla'] or float('nan'):.4g}, "
         f"6N+attention {r['flops_per_step_6n']:.4g}",
         "peak FLOP/s: " + ("unknown" if peak is None else f"{peak:.4g}"),
         f"MFU: {pct(r['mfu_xla'])} (XLA FLOPs), {pct(r['mfu_6n'])} (6N+attention)",

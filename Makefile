@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Test paths for `make test` (default: the whole suite), e.g. TESTS=tests/test_cli.py.
 TESTS ?= tests
 BENCH ?= benchmarks/overhead.py benchmarks/gpt.py benchmarks/checkpoint.py benchmarks/pipeline.py
-LINT_PATHS := $(wildcard titanax models examples tests benchmarks)
+LINT_PATHS := $(wildcard titanax models examples tests benchmarks tools)
 
 .DEFAULT_GOAL := help
 

@@ -15,10 +15,33 @@ Three parts, chosen with `--parts` (default `a,b,c`):
   simulated CPU devices. Uses `baby` with 8 heads (same parameter count) so that
   TP=8 keeps whole heads per device.
 
+- **n**: side by side with nanoGPT (PyTorch, not vendored: pass a checkout with
+  `--nanogpt DIR` and an interpreter that has torch, numpy and requests with
+  `--torch-python`) on its `shakespeare_char` data (65 characters; prepared by its
+  own `data/shakespeare_char/prepare.py` from `--text`): the README's CPU
+  configuration (4 layers, 4 heads, 128 wide, context 64, batch 12, fp32, AdamW lr
+  1e-3, b2 0.99, warmup 100, cosine to 1e-4 over 2000 iterations, clip 1.0, no
+  dropout; tied embeddings, no biases, as nanoGPT has them). Each contender runs
+  in its own process, `--rounds` interleaved rounds of `--iters` iterations: nanoGPT's
+  `train.py`, a hand-written `jax.jit` loop with the same model, loss and optimizer,
+  and `tx.Trainer.fit`, with and without `tx.configure_allocator()` (`--contenders`).
+  nanoGPT times every iteration (PyTorch on a CPU is synchronous; it prints
+  `loss.item()` each iteration); the JAX loops wait for the step every `--sync-every`
+  iterations (the Trainer logs then, as it does by default every 10 steps) and
+  count the chunk's mean per iteration. The table gives the median ms/iter of
+  iterations 10..iters-1 per round, and the load average. `--quality-steps N` also
+  trains nanoGPT and the Trainer for N iterations once and prints their validation
+  loss (mean over 200 random batches of 12).
+
 Run from the repository root:
 
     .venv/bin/python benchmarks/gpt.py --parts c,b
     .venv/bin/python benchmarks/gpt.py --parts a --steps 2000
+    .venv/bin/python benchmarks/gpt.py --parts n --nanogpt /tmp/nanoGPT \
+        --torch-python /tmp/hf/bin/python --rounds 3 --iters 200 --quality-steps 2000
+
+Every process calls `tx.configure_allocator()` first (glibc keeps XLA:CPU's step
+buffers mapped), except the `titanax-default-malloc` contender of part n.
 
 Markdown tables go to stdout.
 """
@@ -26,7 +49,10 @@ Markdown tables go to stdout.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +69,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import titanax as tx  # noqa: E402
+
+if "--default-malloc" not in sys.argv:
+    tx.configure_allocator()  # before JAX starts its backend
+
 from models import gpt_plans  # noqa: E402
 from models.gpt import GPT, GPTConfig, gpt_loss, param_count  # noqa: E402
 
@@ -236,7 +266,8 @@ def part_c_worker() -> None:
     from titanax._explain import bytes_per_device
     from titanax._hlo import collectives
 
-    config = GPTConfig.preset("baby", n_head=8)
+    # Scanned layers, so that each layer's collectives are one loop body's.
+    config = GPTConfig.preset("baby", n_head=8, unroll=False)
     abstract = eqx.filter_eval_shape(lambda k: GPT(config, key=k), jax.random.key(0))
     # Random weights drawn in numpy: only shapes and shardings matter here.
     shapes, static = eqx.partition(
@@ -315,28 +346,208 @@ def part_c() -> None:
 
 
 # ----------------------------------------------------------------------------
+# (n) side by side with nanoGPT (separate processes, interleaved rounds)
+
+NANOGPT_ARGS = [
+    "config/train_shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+    "--always_save_checkpoint=False",
+]
+CONTENDERS = ["nanogpt", "jax", "titanax", "titanax-default-malloc"]
+
+
+def _char_data(nanogpt: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """nanoGPT's shakespeare_char token files and the vocabulary size."""
+    folder = nanogpt / "data" / "shakespeare_char"
+    text = (folder / "input.txt").read_text()
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int32)
+    val = np.fromfile(folder / "val.bin", dtype=np.uint16).astype(np.int32)
+    return train, val, len(set(text))
+
+
+def _nanogpt_config(vocab: int) -> GPTConfig:
+    # nanoGPT's model: tied embeddings, no biases (its train.py default).
+    return GPTConfig(
+        vocab_size=vocab, block_size=64, n_layer=4, n_head=4, n_embd=128,
+        bias=False, tie_weights=True,
+    )  # fmt: skip
+
+
+def _optimizer_2000() -> optax.GradientTransformation:
+    return tx.optim.adamw(
+        1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0, warmup_steps=100,
+        total_steps=2000, end_lr=1e-4,
+    )  # fmt: skip
+
+
+def part_n_worker(args: argparse.Namespace) -> None:
+    """One contender's run in this process: prints a JSON line of per-iteration
+    times (seconds) and, with `--quality-steps`, the validation loss."""
+    train, val, vocab = _char_data(Path(args.nanogpt))
+    config = _nanogpt_config(vocab)
+    model = GPT(config, key=jax.random.key(1337))
+    data = windows(train, config.block_size, seed=0)
+    iters = args.quality_steps or args.iters
+    times: list[float] = []
+    if args.contender == "jax":
+        batches = [next(data) for _ in range(16)]
+        run = hand_written(model, _optimizer_2000(), batches)
+        for _ in range(iters // args.sync_every):
+            # `sync_every` steps dispatched back to back, then waited for.
+            times += [run(args.sync_every)] * args.sync_every
+        print(json.dumps({"times": times}))
+        return
+    stamps: list[float] = []
+    trainer = tx.Trainer(
+        model,
+        gpt_plans.dp(),
+        optimizer=_optimizer_2000(),
+        loss=gpt_loss,
+        mesh=single_device_mesh(),
+        log_every=args.sync_every,  # metrics fetched (a sync) at each log step
+        hooks=[lambda step, metrics, trainer: stamps.append(time.perf_counter())],
+    )
+    start = time.perf_counter()
+    trainer.fit(data, steps=iters)
+    for chunk in np.diff([start, *stamps]):
+        times += [chunk / args.sync_every] * args.sync_every
+    out: dict[str, object] = {"times": times}
+    if args.quality_steps:
+        rng = np.random.default_rng(1)
+        evals = [get_batch(val, config.block_size, rng) for _ in range(200)]
+        out["val"] = trainer.evaluate(evals)["loss"]
+    print(json.dumps(out))
+
+
+def _prepare_nanogpt(nanogpt: Path, text: Path, python: str) -> None:
+    folder = nanogpt / "data" / "shakespeare_char"
+    if (folder / "train.bin").exists():
+        return
+    shutil.copy(text, folder / "input.txt")  # prepare.py downloads it otherwise
+    subprocess.run([python, "prepare.py"], cwd=folder, check=True, capture_output=True)
+
+
+def _run_contender(name: str, args: argparse.Namespace, iters: int, quality: int):
+    if name == "nanogpt":
+        out_dir = Path(args.nanogpt) / "out-titanax-pairing"
+        cmd = [args.torch_python, "train.py", *NANOGPT_ARGS, f"--out_dir={out_dir}"]
+        cmd += [f"--max_iters={quality or iters}", "--eval_interval=2000"]
+        cmd += ["--eval_iters=200" if quality else "--eval_iters=1"]
+        proc = subprocess.run(
+            cmd, cwd=args.nanogpt, capture_output=True, text=True, check=False
+        )
+        if proc.returncode:
+            raise SystemExit(f"nanoGPT failed:\n{proc.stderr[-3000:]}")
+        times = [
+            float(m.group(1)) / 1e3
+            for m in re.finditer(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms",
+                                 proc.stdout, re.M)
+        ]  # fmt: skip
+        vals = re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)",
+                          proc.stdout, re.M)  # fmt: skip
+        return {"times": times, "val": float(vals[-1][1]) if quality else None}
+    cmd = [sys.executable, __file__, "--parts", "n-worker", "--nanogpt", args.nanogpt]
+    cmd += ["--contender", "jax" if name == "jax" else "titanax"]
+    cmd += ["--iters", str(iters), "--quality-steps", str(quality)]
+    if name == "titanax-default-malloc":
+        cmd.append("--default-malloc")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def part_n(args: argparse.Namespace) -> None:
+    if not args.nanogpt or not args.torch_python:
+        raise SystemExit("part n needs --nanogpt DIR and --torch-python PYTHON")
+    _prepare_nanogpt(Path(args.nanogpt), Path(args.text), args.torch_python)
+    names = args.contenders.split(",")
+    print(
+        f"\n### (n) side by side with nanoGPT: {args.rounds} interleaved rounds of "
+        f"{args.iters} iterations; median ms/iter of iterations 10-{args.iters - 1}\n"
+    )
+    print("| round | load avg (1 min) | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        load = os.getloadavg()[0]
+        for name in names:
+            times = _run_contender(name, args, args.iters, 0)["times"]
+            medians[name].append(statistics.median(times[10:]) * 1e3)
+        row = " | ".join(f"{medians[n][-1]:.1f}" for n in names)
+        print(f"| {r + 1} | {load:.2f} | {row} |")
+        sys.stdout.flush()
+    overall = {n: statistics.median(v) for n, v in medians.items() if v}
+    if overall:
+        row = " | ".join(f"**{overall[n]:.1f}**" for n in names)
+        print(f"| median | | {row} |")
+    if "nanogpt" in overall:
+        ratios = ", ".join(
+            f"{n} {overall[n] / overall['nanogpt']:.2f}x" for n in names
+            if n != "nanogpt"
+        )  # fmt: skip
+        print(f"\nms/iter relative to nanoGPT: {ratios}")
+    if args.quality_steps:
+        print(f"\nvalidation loss after {args.quality_steps} iterations:\n")
+        print("| contender | val loss | median ms/iter (10..) |")
+        print("|---|---|---|")
+        for name in [n for n in ("nanogpt", "titanax") if n in names]:
+            out = _run_contender(name, args, args.iters, args.quality_steps)
+            ms = statistics.median(out["times"][10:]) * 1e3
+            print(f"| {name} | {out['val']:.4f} | {ms:.1f} |")
+            sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="a,b,c", help="any of a, b, c, comma-separated")
+    p.add_argument(
+        "--parts", default="a,b,c", help="any of a, b, c, n, comma-separated"
+    )
     p.add_argument("--text", default=str(SHAKESPEARE), help="training text")
     p.add_argument("--steps", type=int, default=2000, help="(a) training steps")
     p.add_argument("--eval-batches", type=int, default=50, help="(a) per split")
     p.add_argument("--log-every", type=int, default=100, help="(a)")
     p.add_argument("--rounds", type=int, default=5, help="(b) alternating rounds")
     p.add_argument("--round-steps", type=int, default=30, help="(b) steps per round")
+    p.add_argument("--nanogpt", default=None, help="(n) a nanoGPT checkout")
+    p.add_argument("--torch-python", default=None, help="(n) python with torch")
+    p.add_argument("--iters", type=int, default=200, help="(n) iterations per run")
+    p.add_argument("--quality-steps", type=int, default=0, help="(n) 0: no quality")
+    p.add_argument("--sync-every", type=int, default=10, help="(n) JAX loops")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help="(n)")
+    p.add_argument("--contender", default="titanax", help=argparse.SUPPRESS)
+    p.add_argument("--default-malloc", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     parts = args.parts.split(",")
     if "c-worker" in parts:
         part_c_worker()
+        return
+    if "n-worker" in parts:
+        part_n_worker(args)
         return
     print(
         f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPU cores, titanax {tx.__version__}"
     )
     start = time.perf_counter()
-    for part, run in (("c", part_c), ("b", lambda: part_b(args))):
+    for part, run in (
+        ("c", part_c),
+        ("b", lambda: part_b(args)),
+        ("n", lambda: part_n(args)),
+    ):
         if part in parts:
             run()
     if "a" in parts:

@@ -128,8 +128,8 @@ def test_loss_and_every_gradient_match_one_device(reference, data, model):
         assert _rel_err(have, want) <= 1e-5, (name, _rel_err(have, want))
     # The step really ran sharded: the heads of w_qkv are split over `model`.
     w_qkv = params.blocks.w_qkv
-    assert w_qkv.sharding.spec == PartitionSpec(None, None, None, "model", None)
-    assert w_qkv.addressable_shards[0].data.shape[3] == PARITY.n_head // model
+    assert w_qkv.sharding.spec == PartitionSpec(None, None, "model", None, None)
+    assert w_qkv.addressable_shards[0].data.shape[2] == PARITY.n_head // model
     assert grads.blocks.w_qkv.sharding.spec == w_qkv.sharding.spec
 
 
@@ -174,7 +174,9 @@ def test_trainer_adamw_steps_match_one_device(reference):
 # ----------------------------------------------------------------------------
 # Communication and memory: `baby` with 2 layers, TP=4 (and DP=2 x TP=4)
 
-BABY = GPTConfig.preset("baby", n_layer=2)
+# A scanned stack (`unroll=False`), so each layer's collectives sit in one loop body
+# that the counts below can find; unrolled, the same ops repeat per layer.
+BABY = GPTConfig.preset("baby", n_layer=2, unroll=False)
 B = 8  # global batch
 
 

@@ -319,7 +319,7 @@ def test_every_gpt_weight_names_its_logical_axes():
             assert dims is not None, f"{cls.__name__}.{field} has no dims"
             # Stacked blocks carry a leading layers dim the annotation leaves out.
             assert len(dims) + extra == value.ndim, (cls.__name__, field, dims)
-    assert _dims(Block, "w_qkv") == ("embed", "3", "heads", "head_dim")
+    assert _dims(Block, "w_qkv") == ("embed", "heads", "3", "head_dim")
     assert _dims(Block, "w_attn_out") == ("heads", "head_dim", "embed")
     assert _dims(GPT, "wte") == ("vocab", "embed")
     assert _dims(GPT, "lm_head") == ("embed", "vocab")
@@ -328,7 +328,7 @@ def test_every_gpt_weight_names_its_logical_axes():
 def test_models_know_nothing_of_meshes():
     # Plans (e.g. gpt_plans.py) live beside the models and may name mesh axes.
     root = Path(__file__).resolve().parents[1] / "models"
-    for name in ["__init__.py", "mlp.py", "cnn.py", "gpt.py"]:
+    for name in ["__init__.py", "mlp.py", "cnn.py", "gpt.py", "gpt2.py", "llama.py"]:
         path = root / name
         source = path.read_text()
         for banned in ["jax.sharding", "shard_map", "with_sharding_constraint"]:
@@ -344,3 +344,51 @@ def test_config_validation():
         GPTConfig(n_embd=30, n_head=4)
     assert GPTConfig.preset("baby") == GPTConfig()
     assert GPTConfig.preset("baby", dropout=0.1).dropout == 0.1
+
+
+def test_layer_loop_and_remat_variants_compute_the_same(tokens):
+    # Unrolled (the default), scanned, scanned two of three layers at a time (a
+    # remainder), rematerialised, and attention written out: the same loss and
+    # gradients.
+    base = GPTConfig.preset("tiny", n_layer=3)
+    variants = [
+        dict(unroll=True),
+        dict(unroll=False),
+        dict(unroll=2),
+        dict(unroll=False, remat="full"),
+        dict(unroll=True, remat="dots_no_batch"),
+        dict(attention="explicit"),  # einsums instead of dot_product_attention
+    ]
+    weights = jax.tree.leaves(GPT(base, key=jax.random.key(3)))
+
+    def variant(overrides):
+        config = GPTConfig.preset("tiny", n_layer=3, **overrides)
+        abstract = eqx.filter_eval_shape(
+            lambda k: GPT(config, key=k), jax.random.key(0)
+        )
+        return eqx.tree_at(lambda m: jax.tree.leaves(m), abstract, weights)
+
+    models = [variant(v) for v in variants]
+    batch = {"x": tokens, "y": jnp.roll(tokens, -1, axis=1)}
+
+    @jax.jit
+    def all_grads(models):
+        return [
+            jax.value_and_grad(lambda m: gpt_loss(m, batch, None)[0])(m) for m in models
+        ]
+
+    results = all_grads(models)
+    (ref_loss, ref_grads), rest = results[0], results[1:]
+    assert models[1].config.unroll is False and models[3].config.remat == "full"
+    for variant, (loss, grads) in zip(variants[1:], rest, strict=True):
+        assert abs(float(loss) - float(ref_loss)) <= 1e-6, variant
+        for a, b in zip(
+            jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(variant))
+    with pytest.raises(ValueError, match="`remat` must be one of"):
+        GPTConfig(remat="some")
+    # The default: shallow stacks unrolled, deep ones scanned.
+    assert GPTConfig.preset("baby").layer_unroll is True  # 4 layers
+    assert GPTConfig.preset("small").layer_unroll is False  # 12 layers
+    assert GPTConfig.preset("small", unroll=3).layer_unroll == 3

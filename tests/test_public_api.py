@@ -61,6 +61,7 @@ DOCUMENTED = [
     "make_train_step",
     "put_batch",
     "Precision",
+    "configure_allocator",
     "optim",
     "loggers",
     # checkpoints

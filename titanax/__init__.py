@@ -33,6 +33,7 @@ from ._errors import TitanaxError as TitanaxError
 from ._errors import TrainerError as TrainerError
 from ._explain import Explanation as Explanation
 from ._explain import explain as explain
+from ._malloc import configure_allocator as configure_allocator
 from ._mesh import MeshSpec as MeshSpec
 from ._mesh import make_mesh as make_mesh
 from ._mesh import simulate_cpu_devices as simulate_cpu_devices

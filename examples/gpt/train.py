@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     start = time.perf_counter()
     n_devices = args.dp * args.fsdp * args.tp * args.pp
-    tx.simulate_cpu_devices(max(n_devices, 1))  # before JAX computes anything
+    # Both before JAX computes anything: glibc keeps XLA:CPU's per-step buffers
+    # mapped instead of page-faulting them in every step; then the devices.
+    tx.configure_allocator()
+    tx.simulate_cpu_devices(max(n_devices, 1))
 
     data, source = load_text(args.text)
     split = int(0.9 * len(data))

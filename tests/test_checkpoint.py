@@ -521,7 +521,7 @@ def test_cli_ls_and_show(saved, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 step(s)" in out
     row = next(line for line in out.splitlines() if line.startswith("2 "))
-    assert "data=8" in row and "DP over `data`" in row and "KB" in row
+    assert "data=8" in row and "DP over `data`" in row and "KiB" in row
 
     assert cli(["checkpoint", "show", str(path)]) == 0
     out = capsys.readouterr().out

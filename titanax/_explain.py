@@ -15,6 +15,7 @@ from ._axes import is_arraylike, logical_axes, path_str
 from ._hlo import Collective, collectives
 from ._plan import Plan
 from ._sharding import shardings
+from ._units import format_bytes
 
 __all__ = ["Explanation", "ParamRow", "explain"]
 
@@ -77,7 +78,7 @@ class Explanation:
                 str(r.shape),
                 "(" + ", ".join(str(n) for n in r.logical) + ")",
                 str(tuple(r.spec)),
-                _fmt_bytes(r.bytes_per_device),
+                format_bytes(r.bytes_per_device),
             )
             for r in self.params
         ]
@@ -87,12 +88,12 @@ class Explanation:
             lines.append("  ".join(cells).rstrip())
         lines.append("")
         lines.append(
-            f"params per device: {_fmt_bytes(self.param_bytes_per_device)} "
-            f"of {_fmt_bytes(self.param_bytes_total)} "
+            f"params per device: {format_bytes(self.param_bytes_per_device)} "
+            f"of {format_bytes(self.param_bytes_total)} "
             f"({self.param_bytes_per_device / max(self.param_bytes_total, 1):.1%})"
         )
         for name, value in self.extra_bytes_per_device.items():
-            lines.append(f"{name} per device: {_fmt_bytes(value)}")
+            lines.append(f"{name} per device: {format_bytes(value)}")
         if self.collectives:
             lines.append("")
             lines.append("collectives per step (kind, mesh axes, count, bytes/device):")
@@ -102,18 +103,10 @@ class Explanation:
                 where = " inside a loop" if in_loop else ""
                 over = ", ".join(axes) or "-"
                 lines.append(
-                    f"  {kind:<20} over {over:<12} x{count:<4} {_fmt_bytes(nbytes)}"
+                    f"  {kind:<20} over {over:<12} x{count:<4} {format_bytes(nbytes)}"
                     f"{where}"
                 )
         return "\n".join(lines)
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
 
 
 def bytes_per_device(tree: Any) -> int:

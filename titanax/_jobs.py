@@ -15,6 +15,7 @@ from . import loggers as tlog
 from ._errors import ConfigError
 from ._explain import bytes_per_device, explain
 from ._flops import step_flops
+from ._units import format_bytes
 from .config import Config, Run, build_run
 from .config import train as train_config
 from .train import TrainState, abstract_state
@@ -73,10 +74,6 @@ def step_memory(compiled: Any) -> dict[str, int]:
         + out["code"]
     )
     return out
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
 
 
 def _abstract_state(run: Run) -> TrainState:
@@ -172,7 +169,7 @@ def explain_config(
         f"Compiled step ({compile_s:.2f} s, {compiled_for}), per device:",
     ]
     for name in ("arguments", "outputs", "aliased", "temporaries", "code", "peak"):
-        lines.append(f"  {name + ':':<13}{_gb(memory[name]):>14}")
+        lines.append(f"  {name + ':':<13}{format_bytes(memory[name]):>14}")
     if flops is not None:
         lines.append(
             f"FLOPs per step: {flops:.4g} per device, {flops * devices:.4g} over "
@@ -185,8 +182,8 @@ def explain_config(
         verdict = "fits" if report["fits"] else "does NOT fit"
         share = 100 * memory["peak"] / device_memory
         lines.append(
-            f"Device memory: the step {verdict} in {_gb(device_memory)} per device "
-            f"(peak {_gb(memory['peak'])}, {share:.1f}%)."
+            f"Device memory: the step {verdict} in {format_bytes(device_memory)} "
+            f"per device (peak {format_bytes(memory['peak'])}, {share:.1f}%)."
         )
     return "\n".join(lines), report
 

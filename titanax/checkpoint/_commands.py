@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._errors import CheckpointError
+from .._units import format_bytes
 
 __all__ = ["ls", "register", "run", "show", "verify"]
 
@@ -45,14 +46,6 @@ def printable(value: Any, newlines: bool = False) -> str:
         else:
             out.append(char)
     return "".join(out)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def _mesh_text(mesh: Any) -> str:
@@ -112,7 +105,7 @@ def ls(path: str, out: TextIO, *, check_data: bool = False) -> int:
     if steps:
         rows = [["step", "time (UTC)", "size", "data pos", "mesh", "plan"]]
         for step in steps:
-            size = _size(dir_size(root / str(step)))
+            size = format_bytes(dir_size(root / str(step)))
             meta, problem = _damage(root, step)
             problem = problem or damaged.get(step)
             if meta is None:
@@ -171,7 +164,7 @@ def show(path: str, step: int | None, out: TextIO) -> int:
     header = [
         ("step", f"{step} of {steps}"),
         ("time", str(meta.get("time_utc", "-"))),
-        ("size", f"{_size(dir_size(root / str(step)))} on disk"),
+        ("size", f"{format_bytes(dir_size(root / str(step)))} on disk"),
         ("format", str(meta["format"])),
         ("data position", f"{meta.get('data_position', '-')} samples"),
         ("mesh", mesh_line),
@@ -183,7 +176,7 @@ def show(path: str, step: int | None, out: TextIO) -> int:
     print(f"Checkpoint {printable(root)}", file=out)
     for name, value in header:
         print(f"  {name + ':':<15}{printable(value)}", file=out)
-    print(f"\n{len(leaves)} array(s), {_size(total)}:", file=out)
+    print(f"\n{len(leaves)} array(s), {format_bytes(total)}:", file=out)
     rows = [["path", "shape", "dtype", "sharding", "size"]]
     for leaf in leaves:
         rows.append(
@@ -192,7 +185,7 @@ def show(path: str, step: int | None, out: TextIO) -> int:
                 str(tuple(leaf["shape"])),
                 str(leaf["dtype"]),
                 format_spec(leaf.get("spec")),
-                _size(leaf["bytes"]),
+                format_bytes(leaf["bytes"]),
             ]
         )
     _table(rows, out)

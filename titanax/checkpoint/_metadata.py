@@ -15,7 +15,6 @@ validates the document against its versioned schema (`_schema.py`).
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from .._axes import path_str
 from .._errors import CheckpointError
+from .._versions import versions
 from ._schema import FORMAT, validate_metadata
 
 __all__ = [
@@ -47,7 +47,6 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 META_FILE = f"{META_ITEM}/metadata"
 _TMP_MARK = ".orbax-checkpoint-tmp"
-_PACKAGES = ("titanax", "jax", "jaxlib", "equinox", "optax", "orbax-checkpoint")
 
 
 def leaf_key(keypath: Any) -> tuple[str, ...]:
@@ -137,17 +136,6 @@ def _mesh_record(mesh: Mesh | None) -> dict[str, Any] | None:
         "platform": devices[0].platform if devices else None,
         "processes": len({d.process_index for d in devices}),
     }
-
-
-def versions() -> dict[str, str]:
-    """The installed versions of Titanax and the libraries a checkpoint depends on."""
-    found = {}
-    for name in _PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "unknown"
-    return found
 
 
 def _scalar(tree: Any, name: str) -> int | None:

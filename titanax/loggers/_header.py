@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import collections
-import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-# Distributions whose versions a header shows, in this order.
-_DISTRIBUTIONS = ("titanax", "jax", "jaxlib", "equinox", "optax", "orbax-checkpoint")
-
-
-def versions() -> dict[str, str]:
-    """The versions of Titanax and the libraries it runs on.
-
-    **Returns:**
-
-    `{"titanax": "0.1.0", "jax": "0.10.2", ...}` for titanax, jax, jaxlib, equinox,
-    optax and orbax-checkpoint. Titanax run from a source tree that is not installed
-    shows `"dev"`; other packages that are not installed are left out.
-    """
-    out = {}
-    for name in _DISTRIBUTIONS:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            if name == "titanax":
-                out[name] = "dev"
-    return out
+from .._versions import versions
 
 
 def describe_devices() -> str:

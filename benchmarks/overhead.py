@@ -8,8 +8,8 @@ Cases (`--cases`, comma-separated; default: all but `wide-dp8`):
 - `gpt`: the baby GPT (`GPTConfig.preset("baby")`, 4 layers, 128 wide, context 64),
     batch 12; its step's scratch buffer is over 64 MiB (see jax-notes on malloc).
 - `<case>-dp8`: the same model under DP over 8 simulated CPU devices (batch rounded
-    up to a multiple of 8). Run in a subprocess, since the device count must be set
-    before JAX starts; `tiny-dp8` is in the default set.
+    up to a multiple of 8), `--dp-steps` steps per round. Run in a subprocess, since
+    the device count must be set before JAX starts; `tiny-dp8` is in the default set.
 
 Every loop takes the same host (numpy) batches, runs the same model, loss and
 optimizer (`tx.optim.adamw(1e-3)`: Adam with the learning rate in its state), donates
@@ -30,7 +30,7 @@ whose scratch buffer glibc returns to the OS faults it back in every step), and 
 compiled step's scratch (temp), argument and output bytes and FLOPs.
 
 Run: `.venv/bin/python benchmarks/overhead.py [--cases tiny,wide,gpt,tiny-dp8]
-[--rounds 21] [--steps 1000] [--wide-steps 10] [--gpt-steps 15]`
+[--rounds 21] [--steps 1000] [--wide-steps 10] [--gpt-steps 15] [--dp-steps 30]`
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
         case = Case(name, title, model, gpt_loss, batches, args.gpt_steps, devices)
     if devices > 1:
         case.title += f", DP={devices} simulated CPU devices"
+        case.steps = args.dp_steps
     return case
 
 
@@ -187,17 +188,19 @@ def hand_written(case: Case, optimizer, device_put: bool, keep_metrics: bool):
     )
     state = [params, opt_state]
 
-    def run(steps: int) -> float:
+    def run(steps: int) -> list[Mark]:
         params, opt_state = state
+        marks = [Mark.now()]
         for i in range(steps):
             batch = case.batches[i % len(case.batches)]
             if device_put:
                 batch = jax.device_put(batch, rows)
             params, opt_state, out = jitted(params, opt_state, batch)
-        host = time.perf_counter()
+        marks.append(Mark.now())
         jax.block_until_ready(out)
+        marks.append(Mark.now())
         state[:] = [params, opt_state]
-        return host
+        return marks
 
     run(1)  # compile
     compiled = jitted.lower(*state, case.batches[0]).compile()
@@ -205,33 +208,68 @@ def hand_written(case: Case, optimizer, device_put: bool, keep_metrics: bool):
 
 
 def titanax_loop(case: Case, optimizer):
+    end = _EndMark()
     trainer = tx.Trainer(
         case.model,
         tx.Plan(dp=tx.DP("data")),
         optimizer=optimizer,
         loss=case.loss,
         mesh=_mesh(case.devices),
-        log_every=10**9,
+        loggers=[end],
+        # The log at the last step of each round fetches its metrics: the end of
+        # the round (`fit`'s own wind-down is left out, as its set-up is).
+        log_every=case.steps,
     )
-    state = trainer.fit(case.batches[:2], epochs=1)  # compile
+    # Compile, and take `case.steps` steps so that rounds end on log steps.
+    state = trainer.fit(_cycle(case.batches, case.steps, []), epochs=1)
 
-    def run(steps: int) -> float:
+    def run(steps: int) -> list[Mark]:
         # One pass over `steps` batches: the same under `steps` as a count or a total.
-        dispatched: list[float] = []
-        state = trainer.fit(_cycle(case.batches, steps, dispatched), epochs=1)
-        jax.block_until_ready(state.model)
-        return dispatched[0]
+        marks: list[Mark] = []
+        trainer.fit(_cycle(case.batches, steps, marks), epochs=1)
+        return [*marks, end.mark]
 
     compiled = trainer.train_step.lower(state, case.batches[0]).compile()
     return run, compiled
 
 
-def _cycle(batches, n, dispatched):
-    """`n` batches; then notes the time: the loop asks for batch n + 1 right after
-    dispatching step n, so that is the host's time for all n steps."""
+def _cycle(batches, n, marks):
+    """`n` batches, marking the first request (after `fit`'s set-up) and the request
+    for batch n + 1, which the loop makes right after dispatching step n."""
+    marks.append(Mark.now())
     for i in range(n):
         yield batches[i % len(batches)]
-    dispatched.append(time.perf_counter())
+    marks.append(Mark.now())
+
+
+class _EndMark:
+    """A Titanax logger that marks when the metrics of a log step reached the host."""
+
+    mark: Mark
+
+    def header(self, info: Any) -> None:
+        pass
+
+    def log(self, step: int, metrics: Any) -> None:
+        self.mark = Mark.now()
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Mark:
+    """A point in a round: wall time and the process's CPU times and page faults."""
+
+    time: float
+    user: float
+    sys: float
+    faults: int
+
+    @classmethod
+    def now(cls) -> Mark:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt)
 
 
 @dataclass
@@ -243,18 +281,16 @@ class Sample:
     faults: float  # minor page faults per step
 
 
-def timed(run: Callable[[int], float], steps: int) -> Sample:
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    host = run(steps)
-    end = time.perf_counter()
-    after = resource.getrusage(resource.RUSAGE_SELF)
+def timed(run: Callable[[int], list[Mark]], steps: int) -> Sample:
+    """One round of `steps` steps, from the first dispatch (the loop's set-up left
+    out) to the moment the last step's outputs are ready."""
+    start, host, end = run(steps)
     return Sample(
-        (end - start) / steps,
-        (host - start) / steps,
-        (after.ru_utime - before.ru_utime) / steps,
-        (after.ru_stime - before.ru_stime) / steps,
-        (after.ru_minflt - before.ru_minflt) / steps,
+        (end.time - start.time) / steps,
+        (host.time - start.time) / steps,
+        (end.user - start.user) / steps,
+        (end.sys - start.sys) / steps,
+        (end.faults - start.faults) / steps,
     )
 
 
@@ -295,8 +331,12 @@ def measure(case: Case, rounds: int, keep_metrics: bool = True) -> float:
     ratio = med(TRAINER, "step_s") / med(best, "step_s")
     # Each round runs all loops back to back, so a per-round ratio cancels the
     # machine's slow drifts (other tenants); its median is the steadier estimate.
-    pairs = zip(samples[TRAINER], samples[best], strict=True)
+    pairs = list(zip(samples[TRAINER], samples[best], strict=True))
     paired = statistics.median(t.step_s / h.step_s for t, h in pairs)
+    # CPU time (all threads) counts work, not waiting: steadier on a shared machine.
+    cpu = statistics.median(
+        (t.user_s + t.sys_s) / (h.user_s + h.sys_s) for t, h in pairs
+    )
     print(f"\n### {case.title}\n")
     print(
         f"{rounds} rounds of {case.steps} steps; load average {load_before} before, "
@@ -317,7 +357,8 @@ def measure(case: Case, rounds: int, keep_metrics: bool = True) -> float:
         )
     print(
         f"\nratio Trainer / fastest hand-written ({best}): medians {ratio:.3f}, "
-        f"median of per-round ratios **{paired:.3f}**"
+        f"median of per-round ratios **{paired:.3f}**; of CPU time (user + sys) "
+        f"{cpu:.3f}"
     )
     for label in (HAND[1], TRAINER):
         print(f"compiled step ({label}): {_compiled_stats(loops[label][1])}")
@@ -343,6 +384,13 @@ def main() -> None:
     parser.add_argument("--wide-steps", type=int, default=10)
     parser.add_argument("--gpt-steps", type=int, default=15)
     parser.add_argument(
+        "--dp-steps",
+        type=int,
+        default=30,
+        help="steps per round of the -dpN cases (more than ~32 queued steps with "
+        "collectives can deadlock XLA:CPU when nothing bounds the queue)",
+    )
+    parser.add_argument(
         "--discard-metrics",
         action="store_true",
         help="the hand-written loops drop the loss's metrics (XLA then skips them)",
@@ -359,6 +407,7 @@ def main() -> None:
         f"--steps={args.steps}",
         f"--wide-steps={args.wide_steps}",
         f"--gpt-steps={args.gpt_steps}",
+        f"--dp-steps={args.dp_steps}",
         *(["--discard-metrics"] if args.discard_metrics else []),
     ]
     if args.devices == 1:

@@ -8,10 +8,11 @@ on the device (this measures the step, not a data pipeline). After `--warmup`
 steps (the first compiles), `--steps` steps are timed, each waited for, and it prints:
 
 - tokens/s and the median and mean step time (ms);
-- MFU two ways, against `--peak-flops` (default: the device's dense bf16 peak from
-  a table of known GPUs): FLOPs per step from XLA's cost analysis of the step (an
-  unrolled lowering, so that every layer is counted), and from `6 N + 12 L H Q T`
-  per token (PaLM's estimate, nanoGPT's and llm.c's: N non-embedding parameters);
+- MFU two ways, against `--peak-flops` (default: the device's dense peak for the
+  compute type, `tx.loggers.peak_flops_per_device`): FLOPs per step from XLA's
+  cost analysis of the step (an unrolled lowering, so that every layer is
+  counted), and from `6 N + 12 L H Q T` per token (PaLM's estimate, nanoGPT's
+  and llm.c's: N non-embedding parameters);
 - peak device memory (`device.memory_stats()["peak_bytes_in_use"]`) and XLA's
   memory analysis of the compiled step (arguments, outputs, temporaries);
 - compile time.
@@ -50,30 +51,16 @@ import numpy as np  # noqa: E402
 
 import titanax as tx  # noqa: E402
 from models.gpt import GPT, GPTConfig, flops_per_token, gpt_loss  # noqa: E402
-
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), by `device_kind` prefix.
-PEAK_BF16 = {
-    "NVIDIA H200": 989.4e12,
-    "NVIDIA H100 80GB HBM3": 989.4e12,
-    "NVIDIA H100 PCIe": 756.0e12,
-    "NVIDIA H100": 989.4e12,
-    "NVIDIA A100": 312.0e12,
-    "NVIDIA L4": 121.0e12,
-    "NVIDIA A10G": 125.0e12,
-    "TPU v5 lite": 197.0e12,
-    "TPU v5p": 459.0e12,
-    "TPU v4": 275.0e12,
-}
+from titanax._flops import xla_flops  # noqa: E402
 
 
-def peak_flops(device: jax.Device, override: float | None) -> float | None:
-    """`override`, or the table's peak for the device kind, or None if unknown."""
+def peak_flops(device: jax.Device, precision: str, override: float | None):
+    """`override`, or the device's dense peak for the compute type (None if unknown):
+    float32 matmuls run as TF32 on NVIDIA tensor cores at JAX's default precision."""
     if override is not None:
         return override
-    for prefix, value in PEAK_BF16.items():
-        if device.device_kind.startswith(prefix):
-            return value
-    return None
+    kind = "bf16" if precision == "bf16" else "tf32"
+    return tx.loggers.peak_flops_per_device(device, kind)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,15 +103,12 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     return config
 
 
-def xla_flops(step: tx.TrainStep, state: tx.TrainState, batch: dict) -> float | None:
+def lowered_flops(step: tx.TrainStep, state: tx.TrainState, batch: dict):
     """FLOPs of one step from XLA's cost analysis of its lowering (None where the
-    backend gives none). Loops count once there, so `run` lowers with the layers
+    backend gives none): before compilation, so matmuls that a GPU backend hands to
+    cuBLAS still count. Loops count once there, so `run` lowers with the layers
     unrolled when measuring this."""
-    costs = step.lower(state, batch).cost_analysis()
-    costs = costs[0] if isinstance(costs, list) else costs
-    if not costs or "flops" not in costs:
-        return None
-    return float(costs["flops"])
+    return xla_flops(step.lower(state, batch))
 
 
 def run(args: argparse.Namespace) -> dict[str, float | str | None]:
@@ -149,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, float | str | None]:
 
     # XLA's FLOPs of the same step with the layers unrolled (lowered, not compiled).
     counter, counter_state = make_step(dataclasses.replace(config, unroll=True))
-    flops_xla = xla_flops(counter, counter_state, host_batch)
+    flops_xla = lowered_flops(counter, counter_state, host_batch)
     del counter, counter_state
 
     step, state = make_step(config)
@@ -175,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, float | str | None]:
     tokens_per_step = args.batch * args.seq
     flops_model = flops_per_token(config, args.seq) * tokens_per_step
     step_s = statistics.median(times)
-    peak = peak_flops(device, args.peak_flops)
+    peak = peak_flops(device, args.precision, args.peak_flops)
     stats = device.memory_stats() or {}
 
     def mfu(flops: float | None) -> float | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import titanax as tx
 from models.gpt import GPTConfig, flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +43,18 @@ def test_smoke_run_reports_consistent_numbers(capsys, tmp_path):
     assert math.isfinite(r["final_loss"]) and r["final_loss"] < math.log(64) + 0.5
 
 
-def test_peak_flops_table_and_override():
+def test_peak_flops_from_the_titanax_table_and_override():
     bench = _load_benchmark()
 
     class Device:
+        platform = "gpu"
         device_kind = "NVIDIA H200"
 
-    assert bench.peak_flops(Device(), None) == 989.4e12
-    assert bench.peak_flops(Device(), 1.0) == 1.0
-    Device.device_kind = "cpu"
-    assert bench.peak_flops(Device(), None) is None
+    bf16 = tx.loggers.peak_flops_per_device(Device(), "bf16")
+    assert bf16 is not None and bf16 > 9e14  # H100/H200 SXM: ~989 TFLOP/s dense
+    assert bench.peak_flops(Device(), "bf16", None) == bf16
+    # float32 matmuls run as TF32 on the tensor cores: half the bf16 rate.
+    assert bench.peak_flops(Device(), "fp32", None) == pytest.approx(bf16 / 2, rel=1e-3)
+    assert bench.peak_flops(Device(), "bf16", 1.0) == 1.0
+    Device.platform, Device.device_kind = "cpu", "cpu"
+    assert bench.peak_flops(Device(), "bf16", None) is None

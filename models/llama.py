@@ -14,7 +14,9 @@ Every weight names its logical axes: `embed`, `heads`, `kv_heads`, `head_dim`, `
 mesh axes. Under Megatron tensor parallelism (`heads`, `kv_heads` and `mlp` on one mesh
 axis) q, k, v and the gate/up projections are column-parallel, the attention output
 and down projections row-parallel; `n_kv_head` must then be a multiple of the axis
-size. The model file never mentions a mesh.
+size. The model file never mentions a mesh: context and sequence parallelism reach it
+through an activation layout given from outside (`LlamaConfig.layout`, as in
+`models/gpt.py`), which it calls with the activations' logical axes.
 """
 
 import dataclasses
@@ -28,8 +30,12 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .gpt import (
+    HEAD_AXES,
     REMAT_POLICIES,
+    RESIDUAL_AXES,
+    TOKEN_AXES,
     attention,
+    check_layout,
     loss_from_logits,
     resolve_unroll,
     run_layers,
@@ -95,8 +101,12 @@ class LlamaConfig:
     # Rematerialisation of each block in the backward pass: see `GPTConfig.remat`.
     remat: str = "none"
     # `jax.nn.dot_product_attention`'s `implementation`: `None` (XLA picks), `"xla"`
-    # or `"cudnn"` (GPU, bf16/fp16 only).
+    # or `"cudnn"` (GPU, bf16/fp16 only). Under context parallelism the layout's
+    # ring attention runs instead.
     attention: str | None = None
+    # Where the activations live: `None`, or an activation layout from outside
+    # (`tx.Activations(plan, mesh)`); see `GPTConfig.layout`.
+    layout: Any = None
 
     def __post_init__(self):
         if self.n_head % self.n_kv_head != 0:
@@ -119,6 +129,7 @@ class LlamaConfig:
             raise ValueError(
                 f"`remat` must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
             )
+        check_layout(self.layout)
         if self.rope_scaling is not None:
             keys = {k for k, _ in self.rope_scaling}
             need = {
@@ -232,6 +243,13 @@ def _normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
     return std * jax.random.normal(key, shape, jnp.float32)
 
 
+def _constrain(config: "LlamaConfig", x: Array) -> Array:
+    """The residual stream `(B, T, C)`, split as the config's layout says."""
+    if config.layout is None:
+        return x
+    return config.layout.constrain(x, RESIDUAL_AXES)
+
+
 # ----------------------------------------------------------------------------
 # One decoder block
 
@@ -317,7 +335,14 @@ class LlamaBlock(eqx.Module):
         q = _apply_rope(project(self.wq, self.bq, nh), cos, sin)
         k = _apply_rope(project(self.wk, self.bk, nkv), cos, sin)
         v = project(self.wv, self.bv, nkv)
-        y = attention(q, k, v, implementation=self.config.attention)  # (B, T, nh, d)
+        layout = self.config.layout
+        if layout is not None and layout.context_parallel:
+            # The sequence is split: ring attention over the context axis.
+            kv_axes = ("batch", "seq", "kv_heads", "head_dim")
+            y = layout.attention(q, k, v, names=HEAD_AXES, kv_names=kv_axes)
+        else:
+            y = attention(q, k, v, implementation=self.config.attention)
+        # y: (B, T, nh, d)
         y = y.reshape(B * T, nh * d) @ self.wo.reshape(nh * d, C)  # (B*T, C)
         if self.bo is not None:
             y = y + self.bo
@@ -351,7 +376,8 @@ class LlamaBlock(eqx.Module):
         """
         eps = self.config.norm_eps
         x = x + self.attention(_rms_norm(x, self.attn_norm, eps), cos, sin)
-        return x + self.mlp(_rms_norm(x, self.mlp_norm, eps))
+        x = _constrain(self.config, x)  # a block boundary (see `GPTConfig.layout`)
+        return _constrain(self.config, x + self.mlp(_rms_norm(x, self.mlp_norm, eps)))
 
 
 # ----------------------------------------------------------------------------
@@ -394,10 +420,14 @@ class Llama(eqx.Module):
         self.lm_head = None if config.tie_weights else _normal(k_head, (c, v), 0.02)
         self.config = config
 
-    def rope_tables(self, T: int) -> tuple[Array, Array]:
-        """`cos` and `sin` for positions `0..T-1`, `(T, head_dim)` float32."""
+    def rope_tables(
+        self, T: int, positions: np.ndarray | None = None
+    ) -> tuple[Array, Array]:
+        """`cos` and `sin` for positions `0..T-1` (or the given int `positions`,
+        `(T,)`), `(T, head_dim)` float32."""
         inv_freq = rope_frequencies(self.config)  # (D/2,)
-        freqs = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]
+        pos = np.arange(T) if positions is None else np.asarray(positions)
+        freqs = pos.astype(np.float32)[:, None] * inv_freq[None, :]
         emb = np.concatenate([freqs, freqs], axis=-1)  # (T, D)
         return jnp.asarray(np.cos(emb)), jnp.asarray(np.sin(emb))
 
@@ -422,8 +452,16 @@ class Llama(eqx.Module):
             f"Cannot forward sequence of length {T}, "
             f"block size is only {self.config.block_size}"
         )
-        cos, sin = self.rope_tables(T)
-        h = self.embed[tokens]  # (B, T, C)
+        layout = self.config.layout
+        if layout is None:
+            cos, sin = self.rope_tables(T)
+            h = self.embed[tokens]  # (B, T, C)
+        else:
+            # The model computes in the layout's order (zigzag under context
+            # parallelism): tokens and rotary positions alike.
+            cos, sin = self.rope_tables(T, layout.positions(T))
+            h = self.embed[layout.to_compute_order(tokens, TOKEN_AXES)]  # (B, T, C)
+            h = layout.constrain(h, RESIDUAL_AXES)
         h = run_layers(
             lambda block, h, _key: block(h, cos, sin),
             self.blocks,
@@ -432,6 +470,8 @@ class Llama(eqx.Module):
             unroll=resolve_unroll(self.config.unroll, self.config.n_layer),
             remat=self.config.remat,
         )
+        if layout is not None:  # back to the data's order
+            h = layout.to_natural_order(h, RESIDUAL_AXES)
         h = _rms_norm(h, self.norm, self.config.norm_eps).reshape(B * T, -1)
         if self.lm_head is None:
             logits = jnp.einsum("tc,vc->tv", h, self.embed)  # (B*T, V)

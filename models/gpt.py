@@ -248,11 +248,27 @@ def _dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _constrain(config: Any, x: Array) -> Array:
-    """The residual stream `(B, T, C)`, split as the config's layout says."""
+def token_shape(config: Any, B: int, T: int) -> tuple[int, ...]:
+    """The leading dims of a linear layer's input: `(B*T,)`, or `(B, T)` when the
+    config has a layout.
+
+    2-D matmuls run XLA's CPU backward ~2x faster than 3-D ones. But a layout may
+    split `seq` while `batch` is whole (context and sequence parallelism), and a
+    split minor dim cannot be merged into a major one without gathering it: with a
+    layout the activations keep their `batch` and `seq` dims.
+    """
+    return (B * T,) if config.layout is None else (B, T)
+
+
+def _constrain(config: Any, x: Array, *, sequence_parallel: bool = True) -> Array:
+    """The residual stream `(B, T, C)`, split as the config's layout says; with
+    `sequence_parallel=False`, as an input of attention or the MLP (where sequence
+    parallelism gathers the sequence)."""
     if config.layout is None:
         return x
-    return config.layout.constrain(x, RESIDUAL_AXES)
+    return config.layout.constrain(
+        x, RESIDUAL_AXES, sequence_parallel=sequence_parallel
+    )
 
 
 def _split(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None]:
@@ -395,10 +411,12 @@ class Block(eqx.Module):
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_dim
         k_att, k_resid = _split(key, 2)
-        # Linear layers see 2-D tokens: XLA's CPU backward is ~2x faster than on 3-D.
-        # One (B*T, C) @ (C, 3C) matmul: an einsum into a separate q/k/v dim cost
-        # ~10% more memory traffic per step in slice and pad copies.
-        x = x.reshape(B * T, C)  # (B*T, C)
+        # Linear layers see 2-D tokens: XLA's CPU backward is ~2x faster than on 3-D
+        # (unless a layout splits the sequence: `token_shape`). One (B*T, C) @
+        # (C, 3C) matmul: an einsum into a separate q/k/v dim cost ~10% more memory
+        # traffic per step in slice and pad copies.
+        lead = token_shape(self.config, B, T)
+        x = x.reshape(*lead, C)  # (B*T, C)
         qkv = x @ self.w_qkv.reshape(C, 3 * C)  # (B*T, nh*3*hs), heads major
         if self.b_qkv is not None:
             qkv = qkv + self.b_qkv.reshape(3 * C)
@@ -424,8 +442,8 @@ class Block(eqx.Module):
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
             att = _dropout(att, self.config.dropout, k_att)
             y = jnp.einsum("bhqk,bkhd->bqhd", att, v)  # (B, T, nh, hs)
-        y = y.reshape(B * T, nh, hs)  # (B*T, nh, hs)
-        y = jnp.einsum("thd,hdc->tc", y, self.w_attn_out)  # (B*T, C)
+        y = y.reshape(*lead, nh, hs)  # (B*T, nh, hs)
+        y = jnp.einsum("...hd,hdc->...c", y, self.w_attn_out)  # (B*T, C)
         if self.b_attn_out is not None:
             y = y + self.b_attn_out
         y = _dropout(y, self.config.dropout, k_resid)
@@ -436,7 +454,7 @@ class Block(eqx.Module):
     ) -> Float[Array, "B T C"]:
         """The position-wise MLP, without the LayerNorm or residual."""
         B, T, C = x.shape
-        x = x.reshape(B * T, C)  # (B*T, C)
+        x = x.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
         h = x @ self.w_mlp_in  # (B*T, 4C)
         if self.b_mlp_in is not None:
             h = h + self.b_mlp_in
@@ -462,14 +480,16 @@ class Block(eqx.Module):
         Hidden states of the same shape and dtype.
         """
         k_attn, k_mlp = _split(key, 2)
-        x = x + self.attention(
-            _layer_norm(x, self.ln1_scale, self.ln1_bias), key=k_attn
-        )
-        # Block boundaries: with a layout, the residual stream is constrained here
-        # (under sequence parallelism each row-parallel output is reduce-scattered).
-        x = _constrain(self.config, x)
-        x = x + self.mlp(_layer_norm(x, self.ln2_scale, self.ln2_bias), key=k_mlp)
-        return _constrain(self.config, x)
+        # With a layout, the residual stream is constrained at each boundary and
+        # the sublayers' inputs as such: under sequence parallelism the norms run
+        # on sequence shards, each sublayer's input is all-gathered and each
+        # row-parallel output reduce-scattered.
+        h = _layer_norm(x, self.ln1_scale, self.ln1_bias)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        x = _constrain(self.config, x + self.attention(h, key=k_attn))
+        h = _layer_norm(x, self.ln2_scale, self.ln2_bias)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        return _constrain(self.config, x + self.mlp(h, key=k_mlp))
 
 
 def apply_block(
@@ -611,9 +631,11 @@ class GPT(eqx.Module):
         B, T, C = h.shape
         if self.config.layout is not None:  # back to the data's order
             h = self.config.layout.to_natural_order(h, RESIDUAL_AXES)
-        h = _layer_norm(h, self.lnf_scale, self.lnf_bias).reshape(B * T, C)  # (B*T, C)
+        h = _layer_norm(h, self.lnf_scale, self.lnf_bias)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        h = h.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
         if self.lm_head is None:
-            logits = jnp.einsum("tc,vc->tv", h, self.wte)  # (B*T, V)
+            logits = jnp.einsum("...c,vc->...v", h, self.wte)  # (B*T, V)
         else:
             logits = h @ self.lm_head  # (B*T, V)
         return logits.reshape(B, T, -1)  # (B, T, V)

@@ -39,6 +39,7 @@ from .gpt import (
     loss_from_logits,
     resolve_unroll,
     run_layers,
+    token_shape,
 )
 
 __all__ = [
@@ -243,11 +244,16 @@ def _normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
     return std * jax.random.normal(key, shape, jnp.float32)
 
 
-def _constrain(config: "LlamaConfig", x: Array) -> Array:
-    """The residual stream `(B, T, C)`, split as the config's layout says."""
+def _constrain(
+    config: "LlamaConfig", x: Array, *, sequence_parallel: bool = True
+) -> Array:
+    """The residual stream `(B, T, C)`, split as the config's layout says (see
+    `models.gpt`'s `_constrain`)."""
     if config.layout is None:
         return x
-    return config.layout.constrain(x, RESIDUAL_AXES)
+    return config.layout.constrain(
+        x, RESIDUAL_AXES, sequence_parallel=sequence_parallel
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +330,9 @@ class LlamaBlock(eqx.Module):
         """Causal grouped-query self-attention with RoPE, without norm or residual."""
         B, T, C = x.shape
         nh, nkv, d = self.config.n_head, self.config.n_kv_head, self.config.head_dim
-        x = x.reshape(B * T, C)  # (B*T, C): 2-D matmuls are faster on XLA:CPU
+        # (B*T, C): 2-D matmuls are faster on XLA:CPU (`token_shape`).
+        lead = token_shape(self.config, B, T)
+        x = x.reshape(*lead, C)
 
         def project(w, b, n):
             y = x @ w.reshape(C, n * d)  # (B*T, n*d), heads major
@@ -343,7 +351,7 @@ class LlamaBlock(eqx.Module):
         else:
             y = attention(q, k, v, implementation=self.config.attention)
         # y: (B, T, nh, d)
-        y = y.reshape(B * T, nh * d) @ self.wo.reshape(nh * d, C)  # (B*T, C)
+        y = y.reshape(*lead, nh * d) @ self.wo.reshape(nh * d, C)  # (B*T, C)
         if self.bo is not None:
             y = y + self.bo
         return y.reshape(B, T, C)
@@ -351,7 +359,7 @@ class LlamaBlock(eqx.Module):
     def mlp(self, x: Float[Array, "B T C"]) -> Float[Array, "B T C"]:
         """SwiGLU: `down(silu(gate(x)) * up(x))`, without norm or residual."""
         B, T, C = x.shape
-        x = x.reshape(B * T, C)  # (B*T, C)
+        x = x.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
         gate, up = x @ self.w_gate, x @ self.w_up  # (B*T, M) each
         if self.b_gate is not None and self.b_up is not None:
             gate, up = gate + self.b_gate, up + self.b_up
@@ -374,10 +382,16 @@ class LlamaBlock(eqx.Module):
 
         Hidden states of the same shape and dtype.
         """
-        eps = self.config.norm_eps
-        x = x + self.attention(_rms_norm(x, self.attn_norm, eps), cos, sin)
-        x = _constrain(self.config, x)  # a block boundary (see `GPTConfig.layout`)
-        return _constrain(self.config, x + self.mlp(_rms_norm(x, self.mlp_norm, eps)))
+        eps, config = self.config.norm_eps, self.config
+        # Block boundaries and sublayer inputs, as in `models.gpt.Block`.
+        h = _constrain(
+            config, _rms_norm(x, self.attn_norm, eps), sequence_parallel=False
+        )
+        x = _constrain(config, x + self.attention(h, cos, sin))
+        h = _constrain(
+            config, _rms_norm(x, self.mlp_norm, eps), sequence_parallel=False
+        )
+        return _constrain(config, x + self.mlp(h))
 
 
 # ----------------------------------------------------------------------------
@@ -472,9 +486,11 @@ class Llama(eqx.Module):
         )
         if layout is not None:  # back to the data's order
             h = layout.to_natural_order(h, RESIDUAL_AXES)
-        h = _rms_norm(h, self.norm, self.config.norm_eps).reshape(B * T, -1)
+        h = _rms_norm(h, self.norm, self.config.norm_eps)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        h = h.reshape(*token_shape(self.config, B, T), -1)  # (B*T, C)
         if self.lm_head is None:
-            logits = jnp.einsum("tc,vc->tv", h, self.embed)  # (B*T, V)
+            logits = jnp.einsum("...c,vc->...v", h, self.embed)  # (B*T, V)
         else:
             logits = h @ self.lm_head  # (B*T, V)
         return logits.reshape(B, T, -1)  # (B, T, V)

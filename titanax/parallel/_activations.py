@@ -7,7 +7,9 @@ never with a mesh: it is given an `Activations` from outside (e.g. as
 
 - `layout.constrain(x, ("batch", "seq", "embed"))` at block boundaries (the
     residual stream): split as the plan's `activation_rules` say (`batch` over the
-    data axes, `seq` over CP's axis, and over TP's with sequence parallelism).
+    data axes, `seq` over CP's axis, and over TP's with sequence parallelism); and
+    with `sequence_parallel=False` on the inputs of attention and the MLP, where
+    Megatron sequence parallelism gathers the sequence back.
 - `layout.attention(q, k, v, names=..., kv_names=...)` for causal attention: plain
     attention, or under CP the ring (or all-gather) attention of `_ring_attention`.
 - `layout.positions(T)` for position embeddings, and `layout.to_compute_order(x,
@@ -137,21 +139,33 @@ class Activations(eqx.Module):
 
     # --- what a model calls ---------------------------------------------------------
 
-    def constrain(self, x: jax.Array, names: Names) -> jax.Array:
+    def constrain(
+        self, x: jax.Array, names: Names, *, sequence_parallel: bool = True
+    ) -> jax.Array:
         """Split `x` as the plan's activation rules say for `names`
-        (`jax.lax.with_sharding_constraint`): where a model puts block boundaries.
+        (`jax.lax.with_sharding_constraint`).
+
+        A model calls it on the residual stream at block boundaries, and with
+        `sequence_parallel=False` on the input of attention and the MLP (the
+        normalised stream): under Megatron sequence parallelism the sequence is
+        split over the TP axis between them and gathered (all-gather) at their
+        input; their row-parallel outputs are reduce-scattered back onto the split
+        residual stream. Without sequence parallelism both are the same split.
 
         **Arguments:**
 
         - `x`: an activation.
         - `names`: its logical axes, one per dim, e.g. `("batch", "seq", "embed")`.
+        - `sequence_parallel`: `False` for an input of attention or the MLP.
 
         **Returns:** `x`, constrained.
 
         **Raises:** `ShardingError` (at trace time, before compiling) for a wrong
         number of names or a dim its mesh axes do not divide.
         """
-        spec = self._checked_spec(x, names, who="constrain")
+        spec = self._checked_spec(
+            x, names, sequence_parallel=sequence_parallel, who="constrain"
+        )
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def positions(self, length: int) -> np.ndarray:

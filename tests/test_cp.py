@@ -16,7 +16,9 @@ the same global context.
 
 import dataclasses
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -25,7 +27,7 @@ from test_llama import _random_llama
 
 import titanax as tx
 from models import llama_plans
-from models.gpt import GPTConfig, gpt_loss
+from models.gpt import GPT, GPTConfig, gpt_loss
 from models.llama import LlamaConfig, llama_loss
 from titanax._explain import bytes_per_device
 from titanax._hlo import collectives
@@ -42,9 +44,9 @@ LLAMA_CONFIG = LlamaConfig.preset(
 )
 ROWS = 4  # global batch: DP=2 gets 2 rows each
 
-# Parity compiles ~15 programs on a 2-core CPU. XLA's LLVM optimisation level changes
-# only the speed of the generated CPU code, not the partitioned HLO (collectives and
-# their operands), so the parity programs are compiled at level 0: ~40% faster.
+# This file compiles ~20 programs on a 2-core CPU. XLA's LLVM optimisation level
+# changes only the speed of the generated CPU code, not the optimized, partitioned HLO
+# (its collectives and their operands), so they are compiled at level 0: ~40% faster.
 FAST = {"xla_backend_optimization_level": 0}
 
 
@@ -181,7 +183,7 @@ def _compiled_hlo(plan, axes, config=HLO_CONFIG):
     config = _with_layout(config, plan, mesh)
     step = tx.make_train_step(gpt_loss, optax.sgd(1.0), plan, mesh)
     state = step.init(_random_gpt(config), 0)
-    compiled = step.lower(state, _batch(config, HLO_ROWS)).compile()
+    compiled = step.lower(state, _batch(config, HLO_ROWS)).compile(FAST)
     return state, collectives(compiled.as_text(), mesh)
 
 
@@ -240,7 +242,8 @@ def test_cp_all_gather_traffic():
 
 
 def test_sp_collectives():
-    """TP=4 with sequence parallelism against TP=4 without, forward layer body.
+    """TP=4 with sequence parallelism: the forward layer body (without SP it holds
+    Megatron's 2 all-reduces of the full activation, `test_gpt_parallel`).
 
     XLA:CPU emits no reduce-scatter: its pass pipeline has no reduce-scatter
     creator (XLA:GPU's does), so each row-parallel output under SP is an all-reduce
@@ -249,8 +252,7 @@ def test_sp_collectives():
     1/TP of the activation. What SP saves on the CPU is memory (norms, residuals
     and dropout on 1/TP of the sequence), not bytes on the wire.
     """
-    sp_state, sp = _compiled_hlo(_plan("sp"), {"model": 4})
-    _, tp = _compiled_hlo(tx.Plan(tp=tx.TP("model")), {"model": 4})
+    _, sp = _compiled_hlo(_plan("sp"), {"model": 4})
     full = _full_activation_bytes()
 
     def forward_body(ops):
@@ -261,8 +263,60 @@ def test_sp_collectives():
                 bodies.setdefault(op.computation, []).append(op)
         return min(bodies.values(), key=len)
 
-    tp_fwd = sorted((op.kind, op.bytes) for op in forward_body(tp))
     sp_fwd = sorted((op.kind, op.bytes) for op in forward_body(sp))
-    assert tp_fwd == [("all-reduce", full)] * 2
     assert sp_fwd == [("all-gather", full)] * 2 + [("all-reduce", full)] * 2
     assert not [op for op in sp if op.kind == "reduce-scatter"]
+
+
+# ----------------------------------------------------------------------------
+# Bad input: typed errors at validation or trace time, before anything compiles
+
+
+def _abstract_gpt(config):
+    return eqx.filter_eval_shape(lambda k: GPT(config, key=k), jax.random.key(0))
+
+
+def test_cp_axis_missing_from_mesh():
+    plan = _plan("cp")
+    mesh = tx.make_mesh(jax.devices()[:4], data=4)
+    with pytest.raises(tx.PlanError, match="uses mesh axis `context`") as info:
+        tx.Activations(plan, mesh)
+    assert "Add `context` to the mesh" in info.value.suggestion
+    with pytest.raises(tx.PlanError, match="uses mesh axis `context`"):
+        plan.validate(mesh, _abstract_gpt(GPT_CONFIG))
+
+
+def test_seq_not_divisible_by_twice_the_ring():
+    plan = _plan("cp")
+    mesh = tx.make_mesh(jax.devices()[:4], context=4)
+    config = _with_layout(dataclasses.replace(GPT_CONFIG, block_size=36), plan, mesh)
+    model = _abstract_gpt(config)
+    tokens = jax.ShapeDtypeStruct((2, 36), jnp.int32)
+    with pytest.raises(tx.ShardingError, match="divisible by 8") as info:
+        jax.eval_shape(lambda m, t: m(t), model, tokens)  # traced, never compiled
+    assert "got 36" in str(info.value)
+    assert "multiple of 8" in info.value.suggestion
+
+
+def test_cp_with_a_model_without_the_layout():
+    plan = _plan("cp")
+    mesh = tx.make_mesh(jax.devices()[:4], context=4)
+    with pytest.raises(tx.PlanError, match="given no activation layout") as info:
+        plan.validate(mesh, _abstract_gpt(GPT_CONFIG))
+    assert info.value.path == "GPT.config.layout"
+    assert "layout=tx.Activations(plan, mesh)" in info.value.suggestion
+    with pytest.raises(tx.PlanError, match="given no activation layout"):
+        tx.shard(_random_gpt(GPT_CONFIG), plan, mesh)  # and so every entry point
+    # A layout built for another mesh is caught the same way.
+    other = tx.make_mesh(jax.devices()[:2], context=2)
+    model = _abstract_gpt(_with_layout(GPT_CONFIG, plan, other))
+    with pytest.raises(tx.PlanError, match=r"mesh \{'context': 2\}"):
+        plan.validate(mesh, model)
+
+
+def test_unknown_activation_axis():
+    plan = _plan("cp")
+    layout = tx.Activations(plan, tx.make_mesh(jax.devices()[:4], context=4))
+    x = jax.ShapeDtypeStruct((2, 8, 4), jnp.float32)
+    with pytest.raises(tx.ShardingError, match="got `sqe`.*Did you mean `seq`"):
+        jax.eval_shape(lambda x: layout.constrain(x, ("batch", "sqe", "embed")), x)

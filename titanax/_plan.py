@@ -11,6 +11,7 @@ the activations' (`batch`, `seq`, `embed`, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.tree_util import GetAttrKey
 
 from ._axes import (
     AxisNames,
@@ -343,6 +345,31 @@ def _as_allow_unused(value: Any) -> bool | tuple[str, ...]:
     return names
 
 
+def _describe_cp(cp: CP | None) -> str:
+    return "None" if cp is None else f"CP({cp.axis!r}, attention={cp.attention!r})"
+
+
+def _activation_layouts(model: Any) -> list[tuple[str, Any]]:
+    """(path, layout) of every activation layout a model holds, in a field or as a
+    field's `layout` (a config's). Duck-typed: `tx.Activations` sits above plans."""
+    found = []
+    for keypath, module in iter_modules(model):
+        if not dataclasses.is_dataclass(module):
+            continue
+        for f in dataclasses.fields(module):
+            value = getattr(module, f.name, None)
+            where = path_str(model, (*keypath, GetAttrKey(f.name)))
+            for suffix, candidate in (
+                ("", value),
+                (".layout", getattr(value, "layout", None)),
+            ):
+                if hasattr(candidate, "to_compute_order") and hasattr(
+                    candidate, "plan"
+                ):
+                    found.append((where + suffix, candidate))
+    return found
+
+
 class Plan(eqx.Module):
     """A parallel layout: which parallelism uses which mesh axis.
 
@@ -575,6 +602,7 @@ class Plan(eqx.Module):
         """
         self.check_mesh(mesh)
         self._check_attention_heads(model, mesh)
+        self._check_context_layout(model, mesh)
         logical = logical_axes(model, self.rules)
         mapping = self.logical_rules()
         leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
@@ -651,6 +679,38 @@ class Plan(eqx.Module):
                         f"Use a `{axis}` size that divides {module.num_heads}, or map "
                         "`heads` to None."
                     ),
+                )
+
+    def _check_context_layout(self, model: Any, mesh: Mesh) -> None:
+        """Under CP the model must compute through this plan's activation layout:
+        without one, attention would run on whole sequences (XLA gathering the
+        context onto every device), silently not context parallel."""
+        layouts = _activation_layouts(model)
+        name = type(model).__name__
+        if self.cp is not None and not layouts:
+            raise PlanError(
+                f"`plan.cp` splits the sequence over mesh axis `{self.cp.axis}`, but "
+                f"the model {name} was given no activation layout: its attention "
+                "would gather the whole context onto every device.",
+                path=f"{name}.config.layout",
+                suggestion=(
+                    "Build the model with the layout, e.g. `GPTConfig(..., layout="
+                    "tx.Activations(plan, mesh))`; a model of your own must call "
+                    "`tx.Activations` as `models/gpt.py` does."
+                ),
+            )
+        sizes = dict(mesh.shape)
+        for where, layout in layouts:
+            theirs = layout.plan.cp
+            if theirs != self.cp or dict(layout.mesh.shape) != sizes:
+                raise PlanError(
+                    f"Expected the model's activation layout to be built from this "
+                    f"plan and mesh (cp={_describe_cp(self.cp)}, mesh {sizes}), got "
+                    f"cp={_describe_cp(theirs)}, "
+                    f"mesh {dict(layout.mesh.shape)} at `{where}`.",
+                    path=where,
+                    suggestion="Build the layout as `tx.Activations(plan, mesh)` "
+                    "with the plan and mesh the model is trained with.",
                 )
 
     def _check_pipeline(self, model: Any, mesh: Mesh) -> None:

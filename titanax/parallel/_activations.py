@@ -23,6 +23,7 @@ mesh are passed explicitly, never through a global or thread-local context.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,11 @@ __all__ = ["Activations"]
 Names = Sequence[str | None]
 
 QUERY_NAMES = ("batch", "seq", "heads", "head_dim")
+
+# The logical axes an activation may name (besides the plan's TP rules): a name
+# outside them is a typo that would silently leave a dim unsplit.
+ACTIVATION_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp",
+                   "vocab")  # fmt: skip
 
 
 def _describe(names: Names) -> str:
@@ -123,6 +129,20 @@ class Activations(eqx.Module):
                 path=where,
                 suggestion='Name every dim, e.g. `("batch", "seq", "embed")`.',
             )
+        known = list(ACTIVATION_AXES)
+        if self.plan.tp is not None:
+            known += [k for k, _ in self.plan.tp.rules if k not in known]
+        for name in names:
+            if name is not None and name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" Did you mean `{close[0]}`?" if close else ""
+                raise ShardingError(
+                    f"Expected the logical axes of an activation to be among {known} "
+                    f"(or None), got `{name}` at `{where}` (`{who}`).{hint}",
+                    path=where,
+                    suggestion="Name each dim with a known logical axis, or None "
+                    "for a dim that is never split.",
+                )
         spec = self.spec(names, sequence_parallel=sequence_parallel)
         for dim, (name, entry) in enumerate(zip(names, spec, strict=True)):
             axes = _axes_of(entry)

@@ -211,8 +211,9 @@ def test_cp_ring_traffic_equals_analytic_volume():
     # hidden states (out, and its gradient), half a device's block per permute.
     outside = [op.bytes for op in permutes if not op.in_loop]
     half_block = _full_activation_bytes() // n // 2
-    assert sorted(outside) == sorted([HLO_ROWS * c.block_size // n // 2 * 4] * 2
-                                     + [half_block] * 4), outside
+    assert sorted(outside) == sorted(
+        [HLO_ROWS * c.block_size // n // 2 * 4] * 2 + [half_block] * 4
+    ), outside
     # No activation collective near the full sequence's size; the all-reduces over
     # `context` are the gradients' (replicated parameters), once per step.
     full = _full_activation_bytes()

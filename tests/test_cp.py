@@ -321,3 +321,29 @@ def test_unknown_activation_axis():
     x = jax.ShapeDtypeStruct((2, 8, 4), jnp.float32)
     with pytest.raises(tx.ShardingError, match="got `sqe`.*Did you mean `seq`"):
         jax.eval_shape(lambda x: layout.constrain(x, ("batch", "sqe", "embed")), x)
+
+
+# ----------------------------------------------------------------------------
+# Memory
+
+
+def test_cp4_temp_bytes_at_most_0_3_of_one_device():
+    # Same global context (T = 512, one row). XLA's scratch buffer holds the
+    # activations kept for the backward pass and every intermediate (at CP=1 the
+    # (heads, T, T) attention scores dominate).
+    config = dataclasses.replace(GPT_CONFIG, block_size=512, unroll=False)
+    batch = _batch(config, 1)
+
+    def temp_bytes(plan, mesh, config):
+        model = tx.shard(_random_gpt(config), plan, mesh)
+        placed = tx.put_batch(batch, plan, mesh)
+        grad = jax.jit(jax.grad(lambda m, b: gpt_loss(m, b)[0]))
+        compiled = grad.lower(model, placed).compile(FAST)
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    one = temp_bytes(tx.Plan(), tx.make_mesh(jax.devices()[:1], data=1), config)
+    plan = _plan("cp")
+    mesh = tx.make_mesh(jax.devices()[:4], context=4)
+    four = temp_bytes(plan, mesh, _with_layout(config, plan, mesh))
+    print(f"temp bytes per device: CP=1 {one}, CP=4 {four}, ratio {four / one:.3f}")
+    assert four <= 0.3 * one, (four, one)

@@ -7,6 +7,12 @@ annotation names its dims (`w_mlp_in: Float[Array, "embed mlp"]`); a Titanax pla
 those logical axes (`embed`, `heads`, `head_dim`, `mlp`, `vocab`, `ctx`) onto mesh
 axes. The dim of size 3 that stacks q, k and v is numeric, so it is never sharded.
 
+Activations name their logical axes too (`batch`, `seq`, `embed`, ...), for an
+optional activation layout given from outside (`GPTConfig.layout`, e.g.
+`tx.Activations(plan, mesh)`): the model calls it at block boundaries, for attention
+and at its entry and exit, and it splits the sequence (context and sequence
+parallelism) as its plan says. Without one, XLA places activations from the weights.
+
 The layers are one `Block` whose arrays carry a leading `layers` dim (built with
 `eqx.filter_vmap`, run with `jax.lax.scan`), the dim a pipeline splits into stages.
 The pieces a pipeline needs are public: `GPT.embed`, `apply_block`, `run_blocks`,
@@ -37,6 +43,40 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Logical axes of the activations, for `GPTConfig.layout`: the residual stream
+# between blocks, attention's queries/keys/values, and the tokens.
+RESIDUAL_AXES = ("batch", "seq", "embed")
+HEAD_AXES = ("batch", "seq", "heads", "head_dim")
+TOKEN_AXES = ("batch", "seq")
+_LAYOUT_METHODS = (
+    "constrain",
+    "attention",
+    "positions",
+    "to_compute_order",
+    "to_natural_order",
+)
+
+
+def check_layout(layout: Any, dropout: float = 0.0) -> None:
+    """Raise `ValueError` unless `layout` is None or has the activation-layout
+    methods (`_LAYOUT_METHODS`); attention dropout needs the explicit attention,
+    which a context-parallel layout replaces, so it is refused there."""
+    if layout is None:
+        return
+    missing = [m for m in _LAYOUT_METHODS if not callable(getattr(layout, m, None))]
+    if missing:
+        raise ValueError(
+            "`layout` must be None or an activation layout such as "
+            f"`tx.Activations(plan, mesh)`, got {type(layout).__name__} without "
+            f"{missing}."
+        )
+    if dropout > 0.0 and getattr(layout, "context_parallel", False):
+        raise ValueError(
+            f"`dropout` must be 0 under context parallelism, got {dropout}: ring "
+            "attention has no attention-probability dropout."
+        )
+
 
 # Deepest stack `unroll=None` unrolls (measured: 4 layers unrolled compile and run
 # faster than scanned on CPU; 12 layers compile 4x slower unrolled).
@@ -98,8 +138,16 @@ class GPTConfig:
     # fused attention on GPUs where it applies), "xla", or "cudnn" (GPU, bf16/fp16
     # only); or "explicit": scores, mask, softmax and sum written out (on the `baby`
     # CPU step 3% less memory traffic than "xla"). Attention dropout always uses
-    # the explicit form.
+    # the explicit form. Under context parallelism the layout's ring attention
+    # runs instead.
     attention: str | None = None
+    # Where the activations live: `None` (XLA propagates the weights' shardings),
+    # or an activation layout given from outside, such as `tx.Activations(plan,
+    # mesh)`. The model calls its `constrain` on the residual stream at block
+    # boundaries, its `attention`, and `positions`, `to_compute_order` and
+    # `to_natural_order` at its entry and exit (all with logical axis names, never
+    # a mesh): that is how context and sequence parallelism reach the model.
+    layout: Any = None
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -118,6 +166,7 @@ class GPTConfig:
                 "`attention` must be None, 'xla', 'cudnn' or 'explicit', got "
                 f"{self.attention!r}."
             )
+        check_layout(self.layout, self.dropout)
 
     @property
     def layer_unroll(self) -> bool | int:
@@ -197,6 +246,29 @@ def _dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def token_shape(config: Any, B: int, T: int) -> tuple[int, ...]:
+    """The leading dims of a linear layer's input: `(B*T,)`, or `(B, T)` when the
+    config has a layout.
+
+    2-D matmuls run XLA's CPU backward ~2x faster than 3-D ones. But a layout may
+    split `seq` while `batch` is whole (context and sequence parallelism), and a
+    split minor dim cannot be merged into a major one without gathering it: with a
+    layout the activations keep their `batch` and `seq` dims.
+    """
+    return (B * T,) if config.layout is None else (B, T)
+
+
+def _constrain(config: Any, x: Array, *, sequence_parallel: bool = True) -> Array:
+    """The residual stream `(B, T, C)`, split as the config's layout says; with
+    `sequence_parallel=False`, as an input of attention or the MLP (where sequence
+    parallelism gathers the sequence)."""
+    if config.layout is None:
+        return x
+    return config.layout.constrain(
+        x, RESIDUAL_AXES, sequence_parallel=sequence_parallel
+    )
 
 
 def _split(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None]:
@@ -350,17 +422,23 @@ class Block(eqx.Module):
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_dim
         k_att, k_resid = _split(key, 2)
-        # Linear layers see 2-D tokens: XLA's CPU backward is ~2x faster than on 3-D.
-        # One (B*T, C) @ (C, 3C) matmul: an einsum into a separate q/k/v dim cost
-        # ~10% more memory traffic per step in slice and pad copies.
-        x = x.reshape(B * T, C)  # (B*T, C)
+        # Linear layers see 2-D tokens: XLA's CPU backward is ~2x faster than on 3-D
+        # (unless a layout splits the sequence: `token_shape`). One (B*T, C) @
+        # (C, 3C) matmul: an einsum into a separate q/k/v dim cost ~10% more memory
+        # traffic per step in slice and pad copies.
+        lead = token_shape(self.config, B, T)
+        x = x.reshape(*lead, C)  # (B*T, C)
         qkv = x @ self.w_qkv.reshape(C, 3 * C)  # (B*T, nh*3*hs), heads major
         if self.b_qkv is not None:
             qkv = qkv + self.b_qkv.reshape(3 * C)
         qkv = qkv.reshape(B, T, nh, 3, hs)  # (B, T, nh, 3, hs)
         q, k, v = (a[:, :, :, 0] for a in jnp.split(qkv, 3, axis=3))  # (B, T, nh, hs)
         dropout = k_att is not None and self.config.dropout > 0.0
-        if not dropout and self.config.attention != "explicit":
+        layout = self.config.layout
+        if layout is not None and layout.context_parallel:
+            # The sequence is split: ring attention over the context axis.
+            y = layout.attention(q, k, v, names=HEAD_AXES)
+        elif not dropout and self.config.attention != "explicit":
             y = attention(q, k, v, implementation=self.config.attention)
         else:
             # Written out (dropout on the attention probabilities needs them).
@@ -377,8 +455,8 @@ class Block(eqx.Module):
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
             att = _dropout(att, self.config.dropout, k_att)
             y = jnp.einsum("bhqk,bkhd->bqhd", att, v)  # (B, T, nh, hs)
-        y = y.reshape(B * T, nh, hs)  # (B*T, nh, hs)
-        y = jnp.einsum("thd,hdc->tc", y, self.w_attn_out)  # (B*T, C)
+        y = y.reshape(*lead, nh, hs)  # (B*T, nh, hs)
+        y = jnp.einsum("...hd,hdc->...c", y, self.w_attn_out)  # (B*T, C)
         if self.b_attn_out is not None:
             y = y + self.b_attn_out
         y = _dropout(y, self.config.dropout, k_resid)
@@ -389,7 +467,7 @@ class Block(eqx.Module):
     ) -> Float[Array, "B T C"]:
         """The position-wise MLP, without the LayerNorm or residual."""
         B, T, C = x.shape
-        x = x.reshape(B * T, C)  # (B*T, C)
+        x = x.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
         h = x @ self.w_mlp_in  # (B*T, 4C)
         if self.b_mlp_in is not None:
             h = h + self.b_mlp_in
@@ -415,11 +493,16 @@ class Block(eqx.Module):
         Hidden states of the same shape and dtype.
         """
         k_attn, k_mlp = _split(key, 2)
-        x = x + self.attention(
-            _layer_norm(x, self.ln1_scale, self.ln1_bias), key=k_attn
-        )
-        x = x + self.mlp(_layer_norm(x, self.ln2_scale, self.ln2_bias), key=k_mlp)
-        return x
+        # With a layout, the residual stream is constrained at each boundary and
+        # the sublayers' inputs as such: under sequence parallelism the norms run
+        # on sequence shards, each sublayer's input is all-gathered and each
+        # row-parallel output reduce-scattered.
+        h = _layer_norm(x, self.ln1_scale, self.ln1_bias)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        x = _constrain(self.config, x + self.attention(h, key=k_attn))
+        h = _layer_norm(x, self.ln2_scale, self.ln2_bias)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        return _constrain(self.config, x + self.mlp(h, key=k_mlp))
 
 
 def apply_block(
@@ -536,7 +619,15 @@ class GPT(eqx.Module):
             f"Cannot forward sequence of length {T}, "
             f"block size is only {self.config.block_size}"
         )
-        h = self.wte[tokens] + self.wpe[:T]  # (B, T, C)
+        layout = self.config.layout
+        if layout is None:
+            h = self.wte[tokens] + self.wpe[:T]  # (B, T, C)
+        else:
+            # The model computes in the layout's order (zigzag under context
+            # parallelism, for balanced causal work): tokens and positions alike.
+            tokens = layout.to_compute_order(tokens, TOKEN_AXES)
+            h = self.wte[tokens] + self.wpe[layout.positions(T)]  # (B, T, C)
+            h = layout.constrain(h, RESIDUAL_AXES)
         return _dropout(h, self.config.dropout, key)
 
     def head(self, h: Float[Array, "B T C"]) -> Float[Array, "B T V"]:
@@ -551,9 +642,13 @@ class GPT(eqx.Module):
         Logits `(batch, time, vocab_size)`, in the dtype of `h`.
         """
         B, T, C = h.shape
-        h = _layer_norm(h, self.lnf_scale, self.lnf_bias).reshape(B * T, C)  # (B*T, C)
+        if self.config.layout is not None:  # back to the data's order
+            h = self.config.layout.to_natural_order(h, RESIDUAL_AXES)
+        h = _layer_norm(h, self.lnf_scale, self.lnf_bias)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        h = h.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
         if self.lm_head is None:
-            logits = jnp.einsum("tc,vc->tv", h, self.wte)  # (B*T, V)
+            logits = jnp.einsum("...c,vc->...v", h, self.wte)  # (B*T, V)
         else:
             logits = h @ self.lm_head  # (B*T, V)
         return logits.reshape(B, T, -1)  # (B, T, V)

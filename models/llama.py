@@ -14,7 +14,9 @@ Every weight names its logical axes: `embed`, `heads`, `kv_heads`, `head_dim`, `
 mesh axes. Under Megatron tensor parallelism (`heads`, `kv_heads` and `mlp` on one mesh
 axis) q, k, v and the gate/up projections are column-parallel, the attention output
 and down projections row-parallel; `n_kv_head` must then be a multiple of the axis
-size. The model file never mentions a mesh.
+size. The model file never mentions a mesh: context and sequence parallelism reach it
+through an activation layout given from outside (`LlamaConfig.layout`, as in
+`models/gpt.py`), which it calls with the activations' logical axes.
 """
 
 import dataclasses
@@ -28,11 +30,16 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .gpt import (
+    HEAD_AXES,
     REMAT_POLICIES,
+    RESIDUAL_AXES,
+    TOKEN_AXES,
     attention,
+    check_layout,
     loss_from_logits,
     resolve_unroll,
     run_layers,
+    token_shape,
 )
 
 __all__ = [
@@ -95,8 +102,12 @@ class LlamaConfig:
     # Rematerialisation of each block in the backward pass: see `GPTConfig.remat`.
     remat: str = "none"
     # `jax.nn.dot_product_attention`'s `implementation`: `None` (XLA picks), `"xla"`
-    # or `"cudnn"` (GPU, bf16/fp16 only).
+    # or `"cudnn"` (GPU, bf16/fp16 only). Under context parallelism the layout's
+    # ring attention runs instead.
     attention: str | None = None
+    # Where the activations live: `None`, or an activation layout from outside
+    # (`tx.Activations(plan, mesh)`); see `GPTConfig.layout`.
+    layout: Any = None
 
     def __post_init__(self):
         if self.n_head % self.n_kv_head != 0:
@@ -119,6 +130,7 @@ class LlamaConfig:
             raise ValueError(
                 f"`remat` must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
             )
+        check_layout(self.layout)
         if self.rope_scaling is not None:
             keys = {k for k, _ in self.rope_scaling}
             need = {
@@ -232,6 +244,18 @@ def _normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
     return std * jax.random.normal(key, shape, jnp.float32)
 
 
+def _constrain(
+    config: "LlamaConfig", x: Array, *, sequence_parallel: bool = True
+) -> Array:
+    """The residual stream `(B, T, C)`, split as the config's layout says (see
+    `models.gpt`'s `_constrain`)."""
+    if config.layout is None:
+        return x
+    return config.layout.constrain(
+        x, RESIDUAL_AXES, sequence_parallel=sequence_parallel
+    )
+
+
 # ----------------------------------------------------------------------------
 # One decoder block
 
@@ -306,7 +330,9 @@ class LlamaBlock(eqx.Module):
         """Causal grouped-query self-attention with RoPE, without norm or residual."""
         B, T, C = x.shape
         nh, nkv, d = self.config.n_head, self.config.n_kv_head, self.config.head_dim
-        x = x.reshape(B * T, C)  # (B*T, C): 2-D matmuls are faster on XLA:CPU
+        # (B*T, C): 2-D matmuls are faster on XLA:CPU (`token_shape`).
+        lead = token_shape(self.config, B, T)
+        x = x.reshape(*lead, C)
 
         def project(w, b, n):
             y = x @ w.reshape(C, n * d)  # (B*T, n*d), heads major
@@ -317,8 +343,15 @@ class LlamaBlock(eqx.Module):
         q = _apply_rope(project(self.wq, self.bq, nh), cos, sin)
         k = _apply_rope(project(self.wk, self.bk, nkv), cos, sin)
         v = project(self.wv, self.bv, nkv)
-        y = attention(q, k, v, implementation=self.config.attention)  # (B, T, nh, d)
-        y = y.reshape(B * T, nh * d) @ self.wo.reshape(nh * d, C)  # (B*T, C)
+        layout = self.config.layout
+        if layout is not None and layout.context_parallel:
+            # The sequence is split: ring attention over the context axis.
+            kv_axes = ("batch", "seq", "kv_heads", "head_dim")
+            y = layout.attention(q, k, v, names=HEAD_AXES, kv_names=kv_axes)
+        else:
+            y = attention(q, k, v, implementation=self.config.attention)
+        # y: (B, T, nh, d)
+        y = y.reshape(*lead, nh * d) @ self.wo.reshape(nh * d, C)  # (B*T, C)
         if self.bo is not None:
             y = y + self.bo
         return y.reshape(B, T, C)
@@ -326,7 +359,7 @@ class LlamaBlock(eqx.Module):
     def mlp(self, x: Float[Array, "B T C"]) -> Float[Array, "B T C"]:
         """SwiGLU: `down(silu(gate(x)) * up(x))`, without norm or residual."""
         B, T, C = x.shape
-        x = x.reshape(B * T, C)  # (B*T, C)
+        x = x.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
         gate, up = x @ self.w_gate, x @ self.w_up  # (B*T, M) each
         if self.b_gate is not None and self.b_up is not None:
             gate, up = gate + self.b_gate, up + self.b_up
@@ -349,9 +382,16 @@ class LlamaBlock(eqx.Module):
 
         Hidden states of the same shape and dtype.
         """
-        eps = self.config.norm_eps
-        x = x + self.attention(_rms_norm(x, self.attn_norm, eps), cos, sin)
-        return x + self.mlp(_rms_norm(x, self.mlp_norm, eps))
+        eps, config = self.config.norm_eps, self.config
+        # Block boundaries and sublayer inputs, as in `models.gpt.Block`.
+        h = _constrain(
+            config, _rms_norm(x, self.attn_norm, eps), sequence_parallel=False
+        )
+        x = _constrain(config, x + self.attention(h, cos, sin))
+        h = _constrain(
+            config, _rms_norm(x, self.mlp_norm, eps), sequence_parallel=False
+        )
+        return _constrain(config, x + self.mlp(h))
 
 
 # ----------------------------------------------------------------------------
@@ -394,10 +434,14 @@ class Llama(eqx.Module):
         self.lm_head = None if config.tie_weights else _normal(k_head, (c, v), 0.02)
         self.config = config
 
-    def rope_tables(self, T: int) -> tuple[Array, Array]:
-        """`cos` and `sin` for positions `0..T-1`, `(T, head_dim)` float32."""
+    def rope_tables(
+        self, T: int, positions: np.ndarray | None = None
+    ) -> tuple[Array, Array]:
+        """`cos` and `sin` for positions `0..T-1` (or the given int `positions`,
+        `(T,)`), `(T, head_dim)` float32."""
         inv_freq = rope_frequencies(self.config)  # (D/2,)
-        freqs = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]
+        pos = np.arange(T) if positions is None else np.asarray(positions)
+        freqs = pos.astype(np.float32)[:, None] * inv_freq[None, :]
         emb = np.concatenate([freqs, freqs], axis=-1)  # (T, D)
         return jnp.asarray(np.cos(emb)), jnp.asarray(np.sin(emb))
 
@@ -422,8 +466,16 @@ class Llama(eqx.Module):
             f"Cannot forward sequence of length {T}, "
             f"block size is only {self.config.block_size}"
         )
-        cos, sin = self.rope_tables(T)
-        h = self.embed[tokens]  # (B, T, C)
+        layout = self.config.layout
+        if layout is None:
+            cos, sin = self.rope_tables(T)
+            h = self.embed[tokens]  # (B, T, C)
+        else:
+            # The model computes in the layout's order (zigzag under context
+            # parallelism): tokens and rotary positions alike.
+            cos, sin = self.rope_tables(T, layout.positions(T))
+            h = self.embed[layout.to_compute_order(tokens, TOKEN_AXES)]  # (B, T, C)
+            h = layout.constrain(h, RESIDUAL_AXES)
         h = run_layers(
             lambda block, h, _key: block(h, cos, sin),
             self.blocks,
@@ -432,9 +484,13 @@ class Llama(eqx.Module):
             unroll=resolve_unroll(self.config.unroll, self.config.n_layer),
             remat=self.config.remat,
         )
-        h = _rms_norm(h, self.norm, self.config.norm_eps).reshape(B * T, -1)
+        if layout is not None:  # back to the data's order
+            h = layout.to_natural_order(h, RESIDUAL_AXES)
+        h = _rms_norm(h, self.norm, self.config.norm_eps)
+        h = _constrain(self.config, h, sequence_parallel=False)
+        h = h.reshape(*token_shape(self.config, B, T), -1)  # (B*T, C)
         if self.lm_head is None:
-            logits = jnp.einsum("tc,vc->tv", h, self.embed)  # (B*T, V)
+            logits = jnp.einsum("...c,vc->...v", h, self.embed)  # (B*T, V)
         else:
             logits = h @ self.lm_head  # (B*T, V)
         return logits.reshape(B, T, -1)  # (B, T, V)

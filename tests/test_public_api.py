@@ -30,6 +30,9 @@ DOCUMENTED = [
     "FSDP",
     "TP",
     "PP",
+    "CP",
+    # activations: the layout a model calls (context and sequence parallelism)
+    "Activations",
     # errors
     "TitanaxError",
     "MeshError",

@@ -37,6 +37,7 @@ from ._malloc import configure_allocator as configure_allocator
 from ._mesh import MeshSpec as MeshSpec
 from ._mesh import make_mesh as make_mesh
 from ._mesh import simulate_cpu_devices as simulate_cpu_devices
+from ._plan import CP as CP
 from ._plan import DP as DP
 from ._plan import FSDP as FSDP
 from ._plan import PP as PP
@@ -47,6 +48,7 @@ from ._sharding import shard as shard
 from ._sharding import shardings as shardings
 from .checkpoint import OrbaxCheckpoint as OrbaxCheckpoint
 from .checkpoint import PreemptionGuard as PreemptionGuard
+from .parallel import Activations as Activations
 from .parallel import collectives as collectives
 from .parallel import grad as grad
 from .parallel import spmd as spmd

@@ -2,11 +2,16 @@
 
 A plan never guesses. DP splits the batch; FSDP shards parameters (and so optimizer
 state) along a dim its axis divides; TP maps logical axes (`mlp`, `heads`, `vocab`) to
-its axis; PP splits the stacked `layers` dim over its axis.
+its axis; PP splits the stacked `layers` dim over its axis; CP splits the sequence.
+
+Parameters and activations are mapped separately (as Levanter's parameter and compute
+mappings are): `logical_rules` maps the parameters' logical axes, `activation_rules`
+the activations' (`batch`, `seq`, `embed`, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -16,6 +21,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.tree_util import GetAttrKey
 
 from ._axes import (
     AxisNames,
@@ -30,7 +36,7 @@ from ._axes import (
 )
 from ._errors import PipelineError, PlanError
 
-__all__ = ["DP", "FSDP", "PP", "TP", "Plan"]
+__all__ = ["CP", "DP", "FSDP", "PP", "TP", "Plan"]
 
 _DEFAULT_TP_AXES = ("mlp", "heads", "vocab")
 
@@ -188,10 +194,17 @@ class TP(eqx.Module):
     - `rules`: logical axis → mesh axis (`axis` or `None`). By default `mlp`, `heads`
         and `vocab` map to `axis`: column-parallel QKV and MLP-up, row-parallel
         attention-out and MLP-down, and a vocabulary-parallel embedding and head.
+    - `sequence_parallel`: Megatron sequence parallelism. Outside attention and the
+        MLP (norms, dropout, residuals) activations are split along `seq` over
+        `axis` too, so each layer's all-reduces become a reduce-scatter and an
+        all-gather of 1/TP the size, and those activations take 1/TP the memory.
+        It acts through the activation layout the model is given
+        (`tx.Activations`), which constrains the residual stream.
     """
 
     axis: str = eqx.field(static=True, default="model")
     rules: tuple[tuple[str, str | None], ...] = eqx.field(static=True, default=())
+    sequence_parallel: bool = eqx.field(static=True, default=False)
 
     def __init__(
         self,
@@ -199,15 +212,25 @@ class TP(eqx.Module):
         rules: Mapping[str, str | None]
         | Sequence[tuple[str, str | None]]
         | None = None,
+        *,
+        sequence_parallel: bool = False,
     ):
         self.axis = axis
         if rules is None:
             rules = {name: axis for name in _DEFAULT_TP_AXES}
         # A bad axis is reported by `__check_init__`; examples need a str here.
         self.rules = _as_rule_items(rules, axis if isinstance(axis, str) else "model")
+        self.sequence_parallel = sequence_parallel
 
     def __check_init__(self):
         _check_axis_name(self.axis, "TP")
+        if not isinstance(self.sequence_parallel, bool):
+            raise PlanError(
+                "`TP(sequence_parallel=...)` expects True or False, got "
+                f"{describe_value(self.sequence_parallel)}.",
+                path="TP.sequence_parallel",
+                suggestion="Write `TP(sequence_parallel=True)`.",
+            )
         for logical, mesh_axis in self.rules:
             if mesh_axis not in (self.axis, None):
                 raise PlanError(
@@ -247,6 +270,54 @@ class PP(eqx.Module):
             )
 
 
+_CP_ATTENTION = ("ring", "all_gather")
+
+
+class CP(eqx.Module):
+    """Context parallelism: the sequence (logical axis `seq`) split over `axis`.
+
+    Every activation is split along `seq`, so each device holds `1/N` of the context
+    (N the size of `axis`). Attention is the one place where positions meet: it runs
+    as causal ring attention, keys and values passed around the ring with `ppermute`
+    and combined with an online softmax, never materialising more than one block of
+    scores. The sequence is *zigzag* ordered inside the model (device `i` holds
+    chunks `i` and `2N-1-i` of `2N`), so every device does the same causal work.
+    The model reaches this through the activation layout it is given
+    (`tx.Activations(plan, mesh)`), see `docs/long_context.md`.
+
+    **Arguments:**
+
+    - `axis`: the mesh axis the sequence is split over.
+    - `attention`: `"ring"` (keys and values sent around the ring, one neighbour
+        exchange per step, overlappable with compute), or `"all_gather"` (all keys
+        and values gathered at once, for short rings where a ring step's latency
+        dominates; needs the whole sequence's keys and values per device).
+    """
+
+    axis: str = eqx.field(static=True, default="context")
+    attention: Literal["ring", "all_gather"] = eqx.field(static=True, default="ring")
+
+    def __check_init__(self):
+        _check_axis_name(self.axis, "CP")
+        if self.attention not in _CP_ATTENTION:
+            raise PlanError(
+                f'`CP(attention=...)` expects "ring" or "all_gather", got '
+                f"{self.attention!r}.",
+                path="CP.attention",
+                suggestion='Use attention="ring" (long rings) or "all_gather".',
+            )
+
+
+# The plan's parts in order, with their types.
+_PARTS: tuple[tuple[str, type], ...] = (
+    ("dp", DP),
+    ("fsdp", FSDP),
+    ("tp", TP),
+    ("pp", PP),
+    ("cp", CP),
+)
+
+
 def _as_allow_unused(value: Any) -> bool | tuple[str, ...]:
     if isinstance(value, bool):
         return value
@@ -274,6 +345,31 @@ def _as_allow_unused(value: Any) -> bool | tuple[str, ...]:
     return names
 
 
+def _describe_cp(cp: CP | None) -> str:
+    return "None" if cp is None else f"CP({cp.axis!r}, attention={cp.attention!r})"
+
+
+def _activation_layouts(model: Any) -> list[tuple[str, Any]]:
+    """(path, layout) of every activation layout a model holds, in a field or as a
+    field's `layout` (a config's). Duck-typed: `tx.Activations` sits above plans."""
+    found = []
+    for keypath, module in iter_modules(model):
+        if not dataclasses.is_dataclass(module):
+            continue
+        for f in dataclasses.fields(module):
+            value = getattr(module, f.name, None)
+            where = path_str(model, (*keypath, GetAttrKey(f.name)))
+            for suffix, candidate in (
+                ("", value),
+                (".layout", getattr(value, "layout", None)),
+            ):
+                if hasattr(candidate, "to_compute_order") and hasattr(
+                    candidate, "plan"
+                ):
+                    found.append((where + suffix, candidate))
+    return found
+
+
 class Plan(eqx.Module):
     """A parallel layout: which parallelism uses which mesh axis.
 
@@ -284,6 +380,7 @@ class Plan(eqx.Module):
         split once over it).
     - `tp`: a `TP`, or `None`.
     - `pp`: a `PP`, or `None`.
+    - `cp`: a `CP`, or `None`: the sequence split over its own mesh axis.
     - `rules`: path rules `[(regex, axes), ...]` naming the logical axes of arrays whose
         paths match (`re.search` on paths like `GPT.blocks.mlp.w_in`; the first
         matching rule wins); they take priority over every other source.
@@ -314,6 +411,7 @@ class Plan(eqx.Module):
     fsdp: FSDP | None = eqx.field(static=True, default=None)
     tp: TP | None = eqx.field(static=True, default=None)
     pp: PP | None = eqx.field(static=True, default=None)
+    cp: CP | None = eqx.field(static=True, default=None)
     rules: tuple[tuple[str, AxisNames], ...] = eqx.field(
         static=True, default=(), converter=as_path_rules
     )
@@ -322,7 +420,7 @@ class Plan(eqx.Module):
     )
 
     def __check_init__(self):
-        for name, kind in (("dp", DP), ("fsdp", FSDP), ("tp", TP), ("pp", PP)):
+        for name, kind in _PARTS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise PlanError(
@@ -331,7 +429,7 @@ class Plan(eqx.Module):
                     suggestion=f"Write e.g. `Plan({name}=tx.{kind.__name__}())`.",
                 )
         owners: dict[str, str] = {}
-        for name in ("dp", "fsdp", "tp", "pp"):
+        for name, _ in _PARTS:
             part = getattr(self, name)
             if part is None:
                 continue
@@ -346,6 +444,13 @@ class Plan(eqx.Module):
                     ),
                 )
             owners.setdefault(part.axis, name)
+        if self.cp is not None and self.pp is not None:
+            raise PlanError(
+                "Expected at most one of `cp` and `pp` in a plan, got both: context "
+                "parallelism does not compose with pipelining yet.",
+                path="Plan.cp",
+                suggestion="Drop `pp` (use DP, FSDP or TP with CP), or drop `cp`.",
+            )
         if isinstance(self.allow_unused, tuple):
             known = [k for k, _ in self.tp.rules] if self.tp is not None else []
             known += [pattern for pattern, _ in self.rules]
@@ -375,7 +480,7 @@ class Plan(eqx.Module):
     @property
     def mesh_axes(self) -> tuple[str, ...]:
         """Every mesh axis this plan uses."""
-        parts = (self.dp, self.fsdp, self.tp, self.pp)
+        parts = (getattr(self, name) for name, _ in _PARTS)
         return tuple(dict.fromkeys(p.axis for p in parts if p is not None))
 
     @property
@@ -392,12 +497,80 @@ class Plan(eqx.Module):
             mapping["layers"] = self.pp.axis
         return mapping
 
+    def activation_rules(self, *, sequence_parallel: bool = True) -> dict[str, Any]:
+        """Logical axis → mesh axes for activations, separate from the parameters'.
+
+        - `batch`: the data axes (DP, then FSDP).
+        - `seq`: the CP axis; with `TP(sequence_parallel=True)` also the TP axis
+            (after the CP axis), unless `sequence_parallel=False`: the rule inside
+            attention and the MLP, where Megatron gathers the sequence back.
+        - TP's logical axes (`heads`, `mlp`, `vocab`, ...): the TP axis, as for the
+            parameters (a column-parallel output is split like its weight).
+        - anything else (`embed`, `head_dim`, ...): not split.
+
+        **Arguments:**
+
+        - `sequence_parallel`: `False` for activations inside attention and the MLP.
+
+        **Returns:** a dict of logical axis → a mesh axis name or a tuple of names.
+        """
+        rules: dict[str, Any] = {}
+        if self.tp is not None:
+            rules.update({k: v for k, v in self.tp.rules if v is not None})
+        if self.data_axes:
+            axes = self.data_axes
+            rules["batch"] = axes[0] if len(axes) == 1 else axes
+        seq = [self.cp.axis] if self.cp is not None else []
+        if sequence_parallel and self.tp is not None and self.tp.sequence_parallel:
+            seq.append(self.tp.axis)
+        if seq:
+            rules["seq"] = seq[0] if len(seq) == 1 else tuple(seq)
+        return rules
+
+    def activation_spec(
+        self, names: Sequence[str | None], *, sequence_parallel: bool = True
+    ) -> PartitionSpec:
+        """The `PartitionSpec` of an activation whose dims have logical axes `names`.
+
+        **Arguments:**
+
+        - `names`: one logical axis name (or `None`) per dim, e.g. `("batch", "seq",
+            "embed")`.
+        - `sequence_parallel`: as in `activation_rules`.
+
+        **Returns:** the mesh `PartitionSpec` (`activation_rules` applied per dim).
+
+        **Raises:** `PlanError` if two dims would use one mesh axis.
+        """
+        rules = self.activation_rules(sequence_parallel=sequence_parallel)
+        entries = [rules.get(n) if n is not None else None for n in names]
+        used: dict[str, str | None] = {}
+        for name, entry in zip(names, entries, strict=True):
+            for axis in entry if isinstance(entry, tuple) else (entry,):
+                if axis is None:
+                    continue
+                if axis in used:
+                    raise PlanError(
+                        f"Expected each mesh axis on at most one dim of an activation, "
+                        f"got `{axis}` for both `{used[axis]}` and `{name}` in "
+                        f"{tuple(names)}.",
+                        path=f"activation {tuple(names)}",
+                        suggestion="Name the dims differently, or pass "
+                        "`sequence_parallel=False` inside attention and the MLP.",
+                    )
+                used[axis] = name
+        return PartitionSpec(*entries)
+
     def batch_spec(self, ndim: int = 1) -> PartitionSpec:
-        """The `PartitionSpec` of a batch leaf with `ndim` dims: leading dim on the
-        data axes, the rest replicated."""
-        axes = self.data_axes
-        lead = None if not axes else axes[0] if len(axes) == 1 else axes
-        return PartitionSpec(lead, *([None] * (ndim - 1))) if ndim else PartitionSpec()
+        """The `PartitionSpec` of a batch leaf with `ndim` dims: the leading dim
+        (`batch`) on the data axes; with CP the second (`seq`) on the CP axis, as
+        it lies in the data (contiguous chunks); the rest replicated."""
+        if not ndim:
+            return PartitionSpec()
+        names: list[str | None] = ["batch"] + [None] * (ndim - 1)
+        if self.cp is not None and ndim > 1:
+            names[1] = "seq"
+        return self.activation_spec(names, sequence_parallel=False)
 
     def data_parallel_size(self, mesh: Mesh) -> int:
         """How many shards the batch is split into on `mesh`."""
@@ -408,7 +581,7 @@ class Plan(eqx.Module):
     def check_mesh(self, mesh: Mesh) -> None:
         """Raise `PlanError` if a mesh axis this plan uses is missing from `mesh`."""
         names = tuple(mesh.axis_names)
-        for part_name in ("dp", "fsdp", "tp", "pp"):
+        for part_name, _ in _PARTS:
             part = getattr(self, part_name)
             if part is not None and part.axis not in names:
                 close = difflib.get_close_matches(part.axis, names, n=1)
@@ -429,6 +602,7 @@ class Plan(eqx.Module):
         """
         self.check_mesh(mesh)
         self._check_attention_heads(model, mesh)
+        self._check_context_layout(model, mesh)
         logical = logical_axes(model, self.rules)
         mapping = self.logical_rules()
         leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
@@ -505,6 +679,38 @@ class Plan(eqx.Module):
                         f"Use a `{axis}` size that divides {module.num_heads}, or map "
                         "`heads` to None."
                     ),
+                )
+
+    def _check_context_layout(self, model: Any, mesh: Mesh) -> None:
+        """Under CP the model must compute through this plan's activation layout:
+        without one, attention would run on whole sequences (XLA gathering the
+        context onto every device), silently not context parallel."""
+        layouts = _activation_layouts(model)
+        name = type(model).__name__
+        if self.cp is not None and not layouts:
+            raise PlanError(
+                f"`plan.cp` splits the sequence over mesh axis `{self.cp.axis}`, but "
+                f"the model {name} was given no activation layout: its attention "
+                "would gather the whole context onto every device.",
+                path=f"{name}.config.layout",
+                suggestion=(
+                    "Build the model with the layout, e.g. `GPTConfig(..., layout="
+                    "tx.Activations(plan, mesh))`; a model of your own must call "
+                    "`tx.Activations` as `models/gpt.py` does."
+                ),
+            )
+        sizes = dict(mesh.shape)
+        for where, layout in layouts:
+            theirs = layout.plan.cp
+            if theirs != self.cp or dict(layout.mesh.shape) != sizes:
+                raise PlanError(
+                    f"Expected the model's activation layout to be built from this "
+                    f"plan and mesh (cp={_describe_cp(self.cp)}, mesh {sizes}), got "
+                    f"cp={_describe_cp(theirs)}, "
+                    f"mesh {dict(layout.mesh.shape)} at `{where}`.",
+                    path=where,
+                    suggestion="Build the layout as `tx.Activations(plan, mesh)` "
+                    "with the plan and mesh the model is trained with.",
                 )
 
     def _check_pipeline(self, model: Any, mesh: Mesh) -> None:
@@ -723,12 +929,16 @@ class Plan(eqx.Module):
             )
         if self.tp is not None:
             mapped = ", ".join(f"{k}→{v}" for k, v in self.tp.rules)
-            parts.append(f"TP over `{self.tp.axis}` ({mapped})")
+            sp = ", sequence parallel" if self.tp.sequence_parallel else ""
+            parts.append(f"TP over `{self.tp.axis}` ({mapped}{sp})")
         if self.pp is not None:
             parts.append(
                 f"PP over `{self.pp.axis}` ({self.pp.schedule}, "
                 f"{self.pp.microbatches} microbatches)"
             )
+        if self.cp is not None:
+            kind = "ring" if self.cp.attention == "ring" else "all-gather"
+            parts.append(f"CP over `{self.cp.axis}` ({kind} attention, zigzag)")
         if self.rules:
             parts.append(f"{len(self.rules)} path rule(s)")
         return " | ".join(parts) if parts else "single device (no parallelism)"

@@ -1,14 +1,22 @@
-"""Train a byte-level GPT (models/gpt.py) with DP, FSDP, Megatron TP and pipelines.
+"""Train a byte-level GPT (models/gpt.py) with DP, FSDP, Megatron TP, context
+parallelism and pipelines.
 
-The mesh is `data` (DP or FSDP) x `model` (TP) x `pipe` (PP), sized from
-`--dp/--fsdp/--tp/--pp`, on that many simulated CPU devices (set `JAX_PLATFORMS` to
-use an accelerator); the plan and, with `--pp`, the pipeline stage come from
-`models/gpt_plans.py`. Every `--eval-every` steps it prints the train and validation
-loss (`trainer.evaluate` on fixed batches), and at the end a sample.
+The mesh is `data` (DP or FSDP) x `model` (TP) x `context` (CP) x `pipe` (PP), sized
+from `--dp/--fsdp/--tp/--cp/--pp`, on that many simulated CPU devices (set
+`JAX_PLATFORMS` to use an accelerator); the plan and, with `--pp`, the pipeline stage
+come from `models/gpt_plans.py`. Every `--eval-every` steps it prints the train and
+validation loss (`trainer.evaluate` on fixed batches), and at the end a sample.
 
     python examples/gpt/train.py --dp 2 --tp 4                 # 8 devices, ~2 min
     python examples/gpt/train.py --dp 2 --tp 2 --pp 2 --schedule 1f1b --batch 16
     python examples/gpt/train.py --text ../shared/data/tinyshakespeare.txt --tp 2
+    python examples/gpt/train.py --cp 4 --block 1024 --preset tiny  # 4 devices
+
+With `--cp N` the sequence is split over `context` (each device holds `1/N` of every
+activation) and attention is causal ring attention (`--cp-attention all_gather` for
+the all-gather variant); the model is given the plan's activation layout
+(`GPTConfig.layout`), and `--block` must be a multiple of `2 N`. `--tp` with
+`--sequence-parallel` splits the sequence over `model` outside attention and the MLP.
 
 With `--pp S` the model's blocks are split into S stages of `n_layer / S` blocks
 along `pipe`, and each step runs `--microbatches` microbatches (default 2 S) through
@@ -27,6 +35,7 @@ as nanoGPT's `get_batch` draws them, deterministic in `--seed`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -38,6 +47,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `models/` lives at the repository root
 
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -86,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp", type=int, default=1, help="FSDP size (instead of DP)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (pipe axis)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size")
+    p.add_argument("--cp-attention", default="ring", choices=["ring", "all_gather"])
+    p.add_argument(
+        "--sequence-parallel", action="store_true", help="Megatron SP with --tp"
+    )
     p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
     p.add_argument("--microbatches", type=int, default=None, help="default: 2 * pp")
     p.add_argument("--steps", type=int, default=1000)
@@ -105,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("use --dp or --fsdp (they share the `data` axis), not both")
     if args.pp > 1 and args.fsdp > 1:
         p.error("--pp does not compose with --fsdp yet; use --dp with --pp")
+    if args.cp > 1 and args.pp > 1:
+        p.error("--cp does not compose with --pp yet; use --dp, --fsdp or --tp")
+    if args.cp > 1 and args.dropout > 0:
+        p.error("--cp runs without dropout (ring attention has none): --dropout 0")
+    if args.sequence_parallel and args.tp <= 1:
+        p.error("--sequence-parallel splits the sequence over TP: add --tp 2 or more")
     if args.pp <= 1 and args.microbatches is not None:
         p.error("--microbatches needs a pipeline: add --pp 2 (or more)")
     if args.pp > 1 and args.microbatches is None:
@@ -122,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     start = time.perf_counter()
-    n_devices = args.dp * args.fsdp * args.tp * args.pp
+    n_devices = args.dp * args.fsdp * args.tp * args.cp * args.pp
     # Both before JAX computes anything: glibc keeps XLA:CPU's per-step buffers
     # mapped instead of page-faulting them in every step; then the devices.
     tx.configure_allocator()
@@ -133,6 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         overrides["n_layer"] = args.n_layer
     config = GPTConfig.preset(args.preset, **overrides)
     block = args.block or config.block_size
+    if args.cp > 1 and block % (2 * args.cp):
+        raise SystemExit(
+            f"--block {block} must be a multiple of 2 x --cp = {2 * args.cp}"
+        )
     train_windows, val_windows, source = byte_windows(args.text, block)
     print(
         f"data: {source}: {train_windows.num_tokens:,} train, "
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     axes = {"data": args.dp * args.fsdp, "model": args.tp}
+    if args.cp > 1:
+        axes["context"] = args.cp
     if args.pp > 1:
         axes["pipe"] = args.pp
     mesh = tx.make_mesh(jax.devices()[:n_devices], **axes)
@@ -151,6 +178,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         microbatches=args.microbatches,
         schedule=args.schedule,
     )
+    if args.cp > 1 or args.sequence_parallel:
+        # The plan maps the activations too; the model computes through its layout.
+        cp = tx.CP("context", attention=args.cp_attention) if args.cp > 1 else None
+        tp = plan.tp
+        if args.sequence_parallel and tp is not None:
+            tp = dataclasses.replace(tp, sequence_parallel=True)
+        plan = dataclasses.replace(plan, cp=cp, tp=tp)
+        config = dataclasses.replace(
+            config, block_size=block, layout=tx.Activations(plan, mesh)
+        )
+    eval_config = dataclasses.replace(config, layout=None)  # for sampling
     # With a pipeline, the step runs the GPT as stages (embedding, blocks split over
     # `pipe`, head and loss); `gpt_loss` is then what `trainer.evaluate` computes.
     stage = gpt_plans.stage() if args.pp > 1 else None
@@ -212,8 +250,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     assert state is not None
     # The validation text's first 16 bytes: (1, 16).
     prompt = val_windows.tokens()[val_windows.start :][:16].astype(np.int32)[None]
+    # Sampling runs on prompts of any length: the same weights, without a layout.
+    sampler = jax.tree.unflatten(
+        jax.tree.structure(
+            eqx.filter_eval_shape(GPT, eval_config, key=jax.random.key(0))
+        ),
+        jax.tree.leaves(state.model),
+    )
     tokens = generate(
-        state.model,
+        sampler,
         jax.numpy.asarray(prompt),
         args.sample_tokens,
         jax.random.key(args.seed),

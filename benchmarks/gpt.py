@@ -5,8 +5,11 @@ Three parts, chosen with `--parts` (default `a,b,c`):
 - **a**: the `baby` preset (4 layers, 4 heads, 128 wide, context 64) trained on
   tinyshakespeare bytes with `tx.Trainer` on one device: batch 12, AdamW lr 1e-3,
   b2 0.99, warmup 100, cosine to 1e-4, weight decay 0.1, clip 1.0, `--steps` steps
-  (default 2000). Prints the final train/val loss (mean over `--eval-batches` fixed
-  random batches per split) and ms/step (after the compiling first step).
+  (default 2000). The batches are random windows, as nanoGPT's `get_batch` draws
+  them: every window of the first 90% of the bytes (`tx.data.TextWindows` with
+  `stride=1`), shuffled by a `tx.data.Pipeline`; the last 10% validates. Prints the
+  final train/val loss (mean over `--eval-batches` fixed random batches per split)
+  and ms/step (after the compiling first step).
 - **b**: the step time of `tx.Trainer.fit` against a hand-written `jax.jit` loop
   (jit over params and optimizer state, donated, the batch placed each step; the
   same model, loss and optimizer), in alternating rounds in this process; medians.
@@ -81,33 +84,24 @@ BATCH = 12
 
 
 # ----------------------------------------------------------------------------
-# Data: random contiguous windows, nanoGPT's get_batch
+# Data: random contiguous windows, nanoGPT's get_batch: every window (stride 1) of
+# the tokens, shuffled by a titanax.data pipeline
 
 
-def load_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-    split = int(0.9 * len(data))
-    return data[:split], data[split:]
+def byte_windows(
+    path: Path, block: int
+) -> tuple[tx.data.TextWindows, tx.data.TextWindows]:
+    """Windows of `block` bytes at every start of the first 90% (training) and the
+    last 10% (validation) of a text file."""
+    train = tx.data.TextWindows(path, block, stride=1, span=(0.0, 0.9))
+    val = tx.data.TextWindows(path, block, stride=1, span=(0.9, 1.0))
+    return train, val
 
 
-def get_batch(data: np.ndarray, block: int, rng: np.random.Generator) -> dict:
-    starts = rng.integers(0, len(data) - block - 1, BATCH)
-    w = np.stack([data[s : s + block + 1] for s in starts]).astype(np.int32)
-    return {"x": w[:, :-1], "y": w[:, 1:]}
-
-
-def windows(data: np.ndarray, block: int, seed: int, start: int = 0):
-    """An endless stream of batches from batch `start` on; batch i depends only on
-    (seed, i)."""
-    i = start
-    while True:
-        yield get_batch(data, block, np.random.default_rng((seed, i)))
-        i += 1
-
-
-def fixed_batches(data: np.ndarray, block: int, n: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [get_batch(data, block, rng) for _ in range(n)]
+def fixed_batches(windows: tx.data.TokenWindows, n: int, seed: int) -> list[dict]:
+    """The first `n` global batches of random windows shuffled by `seed`."""
+    stream = tx.data.Pipeline(windows, BATCH, seed=seed)
+    return [stream.global_batch(i * BATCH) for i in range(n)]
 
 
 def optimizer(steps: int) -> optax.GradientTransformation:
@@ -131,9 +125,9 @@ def single_device_mesh():
 
 
 def part_a(args: argparse.Namespace) -> None:
-    train, val = load_bytes(Path(args.text))
     config = GPTConfig.preset("baby")
     block = config.block_size
+    train, val = byte_windows(Path(args.text), block)
     trainer = tx.Trainer(
         lambda key: GPT(config, key=key),
         gpt_plans.dp(),
@@ -144,18 +138,22 @@ def part_a(args: argparse.Namespace) -> None:
         log_every=args.log_every,
         tokens_per_sample=block,
     )
+    data = tx.data.Pipeline(train, BATCH, seed=0)
     start = time.perf_counter()
-    trainer.fit(windows(train, block, seed=0), steps=1)  # compiles
+    trainer.fit(data, steps=1)  # compiles
     compiled = time.perf_counter()
-    state = trainer.fit(windows(train, block, seed=0, start=1), steps=args.steps - 1)
+    # The same stream from its second batch (a second `fit` on the pipeline would
+    # start it at sample 0 again); `steps` is a total.
+    with data.batches(BATCH) as rest:
+        state = trainer.fit(rest, steps=args.steps)
     jax.block_until_ready(state.model)
     end = time.perf_counter()
     ms = (end - compiled) / (args.steps - 1) * 1e3
     losses = {
-        name: trainer.evaluate(fixed_batches(d, block, args.eval_batches, seed=1))[
+        name: trainer.evaluate(fixed_batches(windows, args.eval_batches, seed=1))[
             "loss"
         ]
-        for name, d in (("train", train), ("val", val))
+        for name, windows in (("train", train), ("val", val))
     }
     print(f"\n### (a) baby GPT on tinyshakespeare, {args.steps} steps, one device\n")
     print(
@@ -227,10 +225,10 @@ def with_trainer(model, opt, batches):
 
 
 def part_b(args: argparse.Namespace) -> None:
-    train, _ = load_bytes(Path(args.text))
     config = GPTConfig.preset("baby")
+    train, _ = byte_windows(Path(args.text), config.block_size)
     model = GPT(config, key=jax.random.key(0))
-    batches = fixed_batches(train, config.block_size, 16, seed=2)
+    batches = fixed_batches(train, 16, seed=2)
     opt = optimizer(10_000)
     runs = {
         "hand-written jax.jit": hand_written(model, opt, batches),
@@ -365,12 +363,15 @@ NANOGPT_ARGS = [
 CONTENDERS = ["nanogpt", "jax", "titanax", "titanax-default-malloc"]
 
 
-def _char_data(nanogpt: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """nanoGPT's shakespeare_char token files and the vocabulary size."""
+def _char_data(
+    nanogpt: Path, block: int
+) -> tuple[tx.data.TokenWindows, tx.data.TokenWindows, int]:
+    """Windows of `block` tokens at every start (stride 1) of nanoGPT's
+    shakespeare_char token files (train, val), and the vocabulary size."""
     folder = nanogpt / "data" / "shakespeare_char"
     text = (folder / "input.txt").read_text()
-    train = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int32)
-    val = np.fromfile(folder / "val.bin", dtype=np.uint16).astype(np.int32)
+    train = tx.data.TokenWindows(folder / "train.bin", block, stride=1)  # uint16
+    val = tx.data.TokenWindows(folder / "val.bin", block, stride=1)
     return train, val, len(set(text))
 
 
@@ -392,14 +393,16 @@ def _optimizer_2000() -> optax.GradientTransformation:
 def part_n_worker(args: argparse.Namespace) -> None:
     """One contender's run in this process: prints a JSON line of per-iteration
     times (seconds) and, with `--quality-steps`, the validation loss."""
-    train, val, vocab = _char_data(Path(args.nanogpt))
+    train, val, vocab = _char_data(Path(args.nanogpt), block=64)
     config = _nanogpt_config(vocab)
     model = GPT(config, key=jax.random.key(1337))
-    data = windows(train, config.block_size, seed=0)
+    # Random windows, as nanoGPT's get_batch; read in the loop as it reads them
+    # (no read-ahead threads on the shared cores).
+    data = tx.data.Pipeline(train, BATCH, seed=0, num_threads=0, prefetch=0)
     iters = args.quality_steps or args.iters
     times: list[float] = []
     if args.contender == "jax":
-        batches = [next(data) for _ in range(16)]
+        batches = [data.global_batch(i * BATCH) for i in range(16)]
         run = hand_written(model, _optimizer_2000(), batches)
         for _ in range(iters // args.sync_every):
             # `sync_every` steps dispatched back to back, then waited for.
@@ -422,9 +425,7 @@ def part_n_worker(args: argparse.Namespace) -> None:
         times += [chunk / args.sync_every] * args.sync_every
     out: dict[str, object] = {"times": times}
     if args.quality_steps:
-        rng = np.random.default_rng(1)
-        evals = [get_batch(val, config.block_size, rng) for _ in range(200)]
-        out["val"] = trainer.evaluate(evals)["loss"]
+        out["val"] = trainer.evaluate(fixed_batches(val, 200, seed=1))["loss"]
     print(json.dumps(out))
 
 

@@ -205,6 +205,12 @@ def _split(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None]:
     return list(jax.random.split(key, n))
 
 
+def _cpu_float16(x: Array) -> bool:
+    """Whether `x` is float16 on the CPU, where XLA cannot multiply float16 matrices
+    into a float32 result (`jax.nn.dot_product_attention`'s scores)."""
+    return x.dtype == jnp.float16 and jax.default_backend() == "cpu"
+
+
 def attention(
     q: Float[Array, "B T N D"],
     k: Float[Array, "B T K D"],
@@ -215,9 +221,10 @@ def attention(
     """Causal scaled dot-product attention through `jax.nn.dot_product_attention`.
 
     XLA's implementation is the explicit computation (scores, mask, float32
-    softmax, weighted sum); on GPUs `implementation="cudnn"` selects cuDNN's fused
-    attention. `K` key/value heads serve groups of `N / K` query heads
-    (grouped-query attention).
+    softmax, weighted sum; float16 inputs on the CPU are computed in float32, which
+    XLA:CPU's float16 matmuls cannot produce); on GPUs `implementation="cudnn"`
+    selects cuDNN's fused attention. `K` key/value heads serve groups of `N / K`
+    query heads (grouped-query attention).
 
     **Arguments:**
 
@@ -230,6 +237,10 @@ def attention(
     The attended values, `(batch, time, heads, head_dim)`.
     """
     impl: Any = implementation
+    if _cpu_float16(q):
+        f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+        y = jax.nn.dot_product_attention(*f32, is_causal=True, implementation=impl)
+        return y.astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
 
@@ -355,6 +366,8 @@ class Block(eqx.Module):
             # Written out (dropout on the attention probabilities needs them).
             # Scores and softmax in float32 even for bf16 inputs: exp overflows
             # otherwise.
+            if _cpu_float16(q):  # XLA:CPU has no float16 x float16 -> float32 dot
+                q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             att = jnp.einsum(
                 "bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32
             )  # (B, nh, T, T)

@@ -177,10 +177,10 @@ def test_explain_on_64_simulated_devices_places_nothing(tmp_path):
     assert re.search(
         r"Compiled step \([\d.]+ s, abstract state: nothing placed\)", text
     )
-    arguments = re.search(r"^  arguments: +([\d.]+) ([MG])B$", text, re.M)
+    arguments = re.search(r"^ +arguments: +([\d.]+) ([MG])iB$", text, re.M)
     assert arguments is not None, text
     number, unit = arguments.groups()
-    placed = 64 * float(number) * (1e9 if unit == "G" else 1e6)
+    placed = 64 * float(number) * (2**30 if unit == "G" else 2**20)
     assert placed > 3e9
     peak_rss = usage.ru_maxrss * 1024  # KiB on Linux
     assert peak_rss < placed / 2, (peak_rss, placed)

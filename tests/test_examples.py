@@ -70,8 +70,8 @@ def _logged_losses(out: str) -> list[float]:
 
 def test_minimal_dp():
     out = _run(str(EXAMPLES / "minimal_dp.py"))
-    assert "devices:   8 x cpu" in out
-    assert "mesh:      data=8" in out
+    assert re.search(r"devices: +8 x cpu", out), out
+    assert re.search(r"mesh: +data=8", out), out
     losses = _logged_losses(out)
     assert len(losses) == 10  # 100 steps, logged every 10
     assert losses[-1] < 0.5 * losses[0], losses
@@ -175,7 +175,7 @@ def _eval_losses(out: str) -> list[tuple[int, float, float]]:
 
 def test_gpt_dp_x_tp_x_pp_1f1b_learns():
     # 8 devices: DP=2 x TP=2 x PP=2 (1F1B, 4 microbatches of 2 rows per data shard).
-    # Measured: val 5.548 -> 3.444 (train 5.553 -> 3.570), the same to 4 digits as
+    # Measured: val 5.548 -> 3.449 (train 5.545 -> 3.582), the same to 4 digits as
     # the unpipelined run (--dp 2 --tp 2) and as --pp 2 --schedule gpipe.
     out = _run(
         str(EXAMPLES / "gpt" / "train.py"),

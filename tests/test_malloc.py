@@ -1,4 +1,5 @@
-"""`tx.configure_allocator`: XLA:CPU's per-step buffers stop page-faulting.
+"""`tx.configure_allocator`: XLA:CPU's per-step buffers stop page-faulting; `titanax
+train` calls it first.
 
 Each measurement runs in a fresh process: glibc's malloc settings are per process,
 and must be made before JAX's backend starts its threads.
@@ -67,3 +68,39 @@ def test_configure_allocator_rejects_values_mallopt_cannot_take():
         tx.TitanaxError, match=r"Expected `mmap_threshold` in \[1, 2\*\*31 - 1\]"
     ):
         tx.configure_allocator(mmap_threshold=1 << 32)
+
+
+TRAIN_PROGRAM = """
+import ctypes, re, sys
+sys.path.insert(0, {root!r})
+from titanax._cli import main
+assert main(["train", {config!r}, "steps=2", "logging.console=none"]) == 0
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+stream = libc.fopen({xml!r}.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(stream))  # one <heap> per malloc arena
+libc.fclose(ctypes.c_void_p(stream))
+print(len(re.findall("<heap nr=", open({xml!r}).read())))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux only)"
+)
+def test_titanax_train_configures_the_allocator_first(tmp_path):
+    # `titanax train` in a fresh process calls `configure_allocator` before JAX
+    # starts: XLA's threads then share one malloc arena. Measured without the call:
+    # 16 arenas after the same 2 steps (2-core x86-64, glibc 2.36).
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["JAX_PLATFORMS"] = "cpu"
+    code = TRAIN_PROGRAM.format(
+        root=str(ROOT),
+        config=str(ROOT / "examples" / "configs" / "mnist_dp.yaml"),
+        xml=str(tmp_path / "malloc.xml"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "configure_allocator" not in out.stderr  # not called too late
+    assert int(out.stdout.strip().splitlines()[-1]) == 1

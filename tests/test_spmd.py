@@ -377,7 +377,7 @@ def test_trainer_spmd_mode_hlo_has_one_gradient_all_reduce():
 
 def test_trainer_spmd_mode_refuses_parameter_sharding_plans():
     mesh = tx.make_mesh(data=2, model=4)
-    with pytest.raises(tx.TrainerError, match='mode="spmd"') as info:
+    with pytest.raises(tx.ArgumentError, match='mode="spmd"') as info:
         tx.make_train_step(
             _mode_loss,
             optax.sgd(0.1),

@@ -173,3 +173,12 @@ def test_a_pipeline_resumes_at_its_sample_and_checks_its_order(tmp_path):
     _assert_same(resumed.model, whole.model)  # read on from sample 64, in O(1)
     with pytest.warns(UserWarning, match="order changed .*seed"):
         _trainer(tmp_path).fit(_pipeline(seed=1), steps=11, resume=True)
+
+
+def test_successive_fits_go_on_through_a_pipeline():
+    whole = _trainer().fit(_pipeline(), steps=10)
+    t = _trainer()
+    t.fit(_pipeline(), steps=4)
+    state = t.fit(_pipeline(), steps=10)  # from sample 64, not from 0
+    assert int(state.data_position) == 10 * 16
+    _assert_same(state.model, whole.model)

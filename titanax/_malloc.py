@@ -47,7 +47,9 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+    """Whether JAX has started its backends (and with them XLA's threads) in this
+    process: after that, `configure_allocator` comes too late to apply fully."""
     jax = sys.modules.get("jax")
     if jax is None:
         return False
@@ -115,7 +117,7 @@ def configure_allocator(
     libc = _libc()
     if libc is None:
         return {}
-    if _backend_started():
+    if backend_started():
         warnings.warn(
             "`configure_allocator` was called after JAX started its backend; "
             "threads that already allocated keep their own malloc arenas. Call it "

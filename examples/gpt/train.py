@@ -16,18 +16,21 @@ them under `--schedule` (`1f1b` or `gpipe`); the global `--batch` must be a mult
 of the data size times the microbatches.
 
 Without `--text` the corpus is the Python standard library's own source code (about
-1 MB of the `.py` files next to `os.py`, in sorted order), which every machine that
-runs this script has. Tokens are bytes (vocabulary 256); the batches are random
-contiguous windows, as nanoGPT's `get_batch` draws them.
+1 MB of the `.py` files next to `os.py`, in sorted order: `tx.config.stdlib_text`),
+which every machine that runs this script has. Tokens are bytes (vocabulary 256,
+`tx.data.ByteTokenizer`); the first 90% trains, the last 10% validates. The
+training batches come from a `tx.data.Pipeline` over every window of the training
+bytes (`tx.data.TextWindows` with stride 1), shuffled: random contiguous windows,
+as nanoGPT's `get_batch` draws them, deterministic in `--seed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 # This example simulates its devices on the CPU unless told otherwise.
@@ -42,57 +45,34 @@ import titanax as tx  # noqa: E402
 from models import gpt_plans  # noqa: E402
 from models.gpt import GPT, GPTConfig, flops_per_token, generate, gpt_loss  # noqa: E402
 
-CORPUS_CAP = 1 << 20  # bytes of standard-library source used without --text
+TRAIN_SPAN, VAL_SPAN = (0.0, 0.9), (0.9, 1.0)  # fractions of the text's bytes
+EVAL_SEED = 10_000  # the order of the evaluation batches, whatever --seed is
 
 
-def stdlib_corpus(cap: int = CORPUS_CAP) -> bytes:
-    """The first `cap` bytes of the standard library's top-level `.py` files,
-    concatenated in sorted file-name order (the same bytes on every run)."""
-    folder = Path(os.__file__).resolve().parent
-    chunks, size = [], 0
-    for path in sorted(folder.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        size += len(data)
-        if size >= cap:
-            break
-    return b"".join(chunks)[:cap]
+def byte_windows(
+    text: str | None, block: int
+) -> tuple[tx.data.TokenWindows, tx.data.TokenWindows, str]:
+    """Training and validation windows of `block` bytes (and their next bytes) at
+    every start position (stride 1, so a shuffled stream of them is nanoGPT's
+    random windows), from the first 90% and the last 10% of `text`'s bytes, or of
+    the standard library's sources when `text` is None; and the source's name."""
+    if text is not None:
+        train = tx.data.TextWindows(text, block, stride=1, span=TRAIN_SPAN)
+        val = tx.data.TextWindows(text, block, stride=1, span=VAL_SPAN)
+        return train, val, text
+    tokens = np.frombuffer(tx.config.stdlib_text(), dtype=np.uint8)  # (bytes,)
+    train = tx.data.TokenWindows(tokens, block, stride=1, span=TRAIN_SPAN)
+    val = tx.data.TokenWindows(tokens, block, stride=1, span=VAL_SPAN)
+    return train, val, "Python standard library sources"
 
 
-def load_text(path: str | None) -> tuple[np.ndarray, str]:
-    """Bytes of `path` (or the standard-library corpus) as a uint8 array."""
-    if path is None:
-        data, source = stdlib_corpus(), "Python standard library sources"
-    else:
-        data, source = Path(path).read_bytes(), path
-    return np.frombuffer(data, dtype=np.uint8), source
-
-
-class RandomWindows:
-    """Batches of `batch` random windows of `block + 1` bytes: `x` and `y = x`
-    shifted by one. Deterministic: batch `i` depends only on `seed` and `i`.
-    Iterating starts at batch 0; `from_index(i)` streams batches `i, i + 1, ...`
-    (each `trainer.fit` call reads its data from the start)."""
-
-    def __init__(self, data: np.ndarray, batch: int, block: int, seed: int):
-        if len(data) <= block + 1:
-            raise ValueError(f"The text ({len(data)} bytes) is shorter than a window.")
-        self.data, self.batch, self.block, self.seed = data, batch, block, seed
-
-    def get(self, index: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng((self.seed, index))
-        starts = rng.integers(0, len(self.data) - self.block - 1, self.batch)
-        windows = np.stack([self.data[s : s + self.block + 1] for s in starts])
-        windows = windows.astype(np.int32)
-        return {"x": windows[:, :-1], "y": windows[:, 1:]}
-
-    def from_index(self, index: int) -> Iterator[dict[str, np.ndarray]]:
-        while True:
-            yield self.get(index)
-            index += 1
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self.from_index(0)
+def fixed_batches(
+    windows: tx.data.TokenWindows, batch: int, count: int
+) -> list[dict[str, np.ndarray]]:
+    """`count` global batches of random windows (the start of a stream shuffled by
+    `EVAL_SEED`): the same batches at every evaluation."""
+    stream = tx.data.Pipeline(windows, batch, seed=EVAL_SEED)
+    return [stream.global_batch(i * batch) for i in range(count)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for flag in ("steps", "eval_every", "log_every"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
     if args.dp > 1 and args.fsdp > 1:
         p.error("use --dp or --fsdp (they share the `data` axis), not both")
     if args.pp > 1 and args.fsdp > 1:
@@ -145,16 +128,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tx.configure_allocator()
     tx.simulate_cpu_devices(max(n_devices, 1))
 
-    data, source = load_text(args.text)
-    split = int(0.9 * len(data))
-    train_data, val_data = data[:split], data[split:]
-    print(f"data: {source}: {len(train_data):,} train, {len(val_data):,} val bytes")
-
     overrides = {"vocab_size": 256, "dropout": args.dropout}
     if args.n_layer is not None:
         overrides["n_layer"] = args.n_layer
     config = GPTConfig.preset(args.preset, **overrides)
     block = args.block or config.block_size
+    train_windows, val_windows, source = byte_windows(args.text, block)
+    print(
+        f"data: {source}: {train_windows.num_tokens:,} train, "
+        f"{val_windows.num_tokens:,} val bytes"
+    )
 
     axes = {"data": args.dp * args.fsdp, "model": args.tp}
     if args.pp > 1:
@@ -172,6 +155,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # `pipe`, head and loss); `gpt_loss` is then what `trainer.evaluate` computes.
     stage = gpt_plans.stage() if args.pp > 1 else None
     warmup = args.warmup if args.warmup is not None else max(args.steps // 10, 1)
+    # Fixed evaluation batches of random windows, the same at every evaluation.
+    evals = {
+        name: fixed_batches(windows, args.batch, args.eval_batches)
+        for name, windows in (("train", train_windows), ("val", val_windows))
+    }
+    losses: dict[str, float] = {}
+
+    def evaluate(step: int) -> None:
+        losses.update({n: trainer.evaluate(b)["loss"] for n, b in evals.items()})
+        print(
+            f"eval step {step} | train {losses['train']:.4f} | val {losses['val']:.4f}"
+        )
+
+    def evaluate_hook(step: int, metrics: dict, trainer: tx.Trainer) -> None:
+        del metrics, trainer
+        if step % args.eval_every == 0 or step == args.steps:
+            evaluate(step)
+
+    # Hooks run at the Trainer's log steps (and after the last step): log at every
+    # multiple of --log-every and of --eval-every, print the former.
+    log_every = math.gcd(args.log_every, args.eval_every)
+    printer = tx.loggers.Basic(
+        every=None if log_every == args.log_every else args.log_every
+    )
     trainer = tx.Trainer(
         lambda key: GPT(config, key=key),  # created directly sharded
         plan,
@@ -186,41 +193,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             end_lr=args.lr / 10,
         ),
         loss=gpt_loss,
-        loggers=[tx.loggers.Basic()],
-        log_every=args.log_every,
+        loggers=[printer],
+        log_every=log_every,
+        hooks=[evaluate_hook],
         seed=args.seed,
         tokens_per_sample=block,
         flops_per_step=flops_per_token(config, block) * args.batch * block,
         stage=stage,
     )
-    train = RandomWindows(train_data, args.batch, block, seed=args.seed)
-    # Fixed evaluation batches, the same at every evaluation.
-    evals = {
-        name: [
-            RandomWindows(split_data, args.batch, block, seed=10_000 + i).get(0)
-            for i in range(args.eval_batches)
-        ]
-        for name, split_data in (("train", train_data), ("val", val_data))
-    }
-
-    def evaluate(step: int) -> dict[str, float]:
-        losses = {n: trainer.evaluate(b)["loss"] for n, b in evals.items()}
-        print(
-            f"eval step {step} | train {losses['train']:.4f} | val {losses['val']:.4f}"
-        )
-        return losses
-
-    losses = evaluate(0)
-    done = 0
-    while done < args.steps:
-        chunk = min(args.eval_every, args.steps - done)
-        trainer.fit(train.from_index(done), steps=done + chunk)  # steps: a total
-        done += chunk
-        losses = evaluate(done)
+    # Random windows: every epoch of all the windows is shuffled by (seed, epoch).
+    # One `fit` reads the stream from its sample 0 to the end (it would resume at
+    # `state.data_position` from a checkpoint); `steps` is a total.
+    train = tx.data.Pipeline(train_windows, args.batch, seed=args.seed)
+    evaluate(0)
+    trainer.fit(train, steps=args.steps)
 
     state = trainer.state
     assert state is not None
-    prompt = val_data[:16].astype(np.int32)[None]  # (1, 16)
+    # The validation text's first 16 bytes: (1, 16).
+    prompt = val_windows.tokens()[val_windows.start :][:16].astype(np.int32)[None]
     tokens = generate(
         state.model,
         jax.numpy.asarray(prompt),
@@ -229,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         temperature=0.8,
         top_k=40,
     )
-    text = bytes(np.asarray(tokens[0]).astype(np.uint8)).decode("utf-8", "replace")
+    text = tx.data.ByteTokenizer().decode(tokens[0])
     print("sample:\n" + "-" * 72 + f"\n{text}\n" + "-" * 72)
     print(f"total time {time.perf_counter() - start:.1f} s")
     return losses

@@ -13,6 +13,7 @@ from ._build import make_loggers as make_loggers
 from ._build import make_mesh_for as make_mesh_for
 from ._build import make_plan as make_plan
 from ._data import make_data as make_data
+from ._data import stdlib_text as stdlib_text
 from ._imports import resolve as resolve
 from ._load import apply_overrides as apply_overrides
 from ._load import config_to_dict as config_to_dict

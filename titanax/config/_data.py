@@ -27,8 +27,26 @@ STDLIB_CAP = 1 << 20
 
 
 def stdlib_text(cap: int = STDLIB_CAP) -> bytes:
-    """The first `cap` bytes of the standard library's top-level `.py` files, in
-    sorted order: the same corpus on every machine with this Python."""
+    """A text corpus every machine has: the Python standard library's own source.
+
+    The top-level `.py` files next to `os.py`, concatenated in sorted file-name
+    order and cut at `cap` bytes: the same bytes on every run with this Python.
+    It is what a `text` data source without `path` trains on (and
+    `examples/gpt/train.py` without `--text`).
+
+    **Arguments:**
+
+    - `cap`: the number of bytes (default 1 MiB).
+
+    **Returns:** the corpus as `bytes` (at most `cap`).
+
+    !!! Example
+
+        ```python
+        tokens = np.frombuffer(tx.config.stdlib_text(), dtype=np.uint8)
+        train = tx.data.TokenWindows(tokens, 256, span=(0.0, 0.9))
+        ```
+    """
     folder = Path(os.__file__).resolve().parent
     chunks, size = [], 0
     for path in sorted(folder.glob("*.py")):

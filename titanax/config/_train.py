@@ -14,6 +14,7 @@ import yaml
 
 from .. import _distributed as distributed
 from .. import loggers as tlog
+from .._malloc import backend_started, configure_allocator
 from ..train import Trainer
 from ._build import Run, build_run, make_loggers
 from ._load import config_to_dict
@@ -66,12 +67,14 @@ def _save_config(config: Config) -> None:
 def train(config: Config, *, stream: TextIO | None = None) -> Trainer:
     """Train from a config: the body of `titanax train`.
 
-    Joins the multi-process run (`tx.distributed.initialize`), builds and checks the
-    run (`build_run`, before any compilation), saves the resolved config as
-    `config.json` beside the checkpoints, and trains until `state.step ==
-    config.steps` (a total). With `checkpoint.resume` it continues the latest
-    checkpoint at its step and at its global sample of the data. With `profile.start`
-    set, steps `[start, start + profile.steps)` are traced.
+    Configures glibc's allocator for XLA:CPU (`tx.configure_allocator`, when JAX
+    has not started yet, as in `titanax train`), joins the multi-process run
+    (`tx.distributed.initialize`), builds and checks the run (`build_run`, before
+    any compilation), saves the resolved config as `config.json` beside the
+    checkpoints, and trains until `state.step == config.steps` (a total). With
+    `checkpoint.resume` it continues the latest checkpoint at its step and at its
+    global sample of the data. With `profile.start` set, steps
+    `[start, start + profile.steps)` are traced.
 
     **Arguments:**
 
@@ -91,6 +94,12 @@ def train(config: Config, *, stream: TextIO | None = None) -> Trainer:
         state = tx.config.train(config).state
         ```
     """
+    if not backend_started():
+        # First, in a fresh process (`titanax train`): glibc then keeps XLA:CPU's
+        # per-step buffers mapped instead of page-faulting them in every step
+        # (titanax/_malloc.py). A program that has already run JAX keeps its
+        # allocator: its threads hold their own malloc arenas by now.
+        configure_allocator()
     cluster = distributed.initialize()
     started = time.perf_counter()
     loggers = [tlog.WithHeader(x) for x in make_loggers(config, stream)]

@@ -596,18 +596,28 @@ def _train_fn(ts: TrainStep, layout: CompiledStep) -> Callable[..., Any]:
             grads = jax.tree.map(lambda g: g / scale, grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = ts.optimizer.update(grads, state.opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
         if guarded:
-            # A skipped step changes nothing but the counters (and fp16's scale). The
-            # select costs a pass over the parameters and optimizer state, so
-            # "raise" without loss scaling goes without it: the Trainer stops at the
-            # next log step or checkpoint.
-            def keep(new: Any, old: Any) -> Any:
-                return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            # A skipped step changes nothing but the counters (and fp16's scale).
+            # `lax.cond` runs the update only for a finite step; a select of new
+            # against old values (`jnp.where`) adds a pass over the parameters and
+            # optimizer state and copies of the donated buffers (6.3M-parameter MLP:
+            # 14 copies and 64 MiB of scratch memory instead of 1 and 24 MiB).
+            def update(operands: Any) -> Any:
+                grads, opt_state, params = operands
+                updates, opt_state = ts.optimizer.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
 
-            new_trainable = keep(new_trainable, trainable)
-            opt_state = keep(opt_state, state.opt_state)
+            def keep(operands: Any) -> Any:
+                _, opt_state, params = operands
+                return params, opt_state
+
+            operands = (grads, state.opt_state, trainable)
+            new_trainable, opt_state = jax.lax.cond(finite, update, keep, operands)
+        else:
+            # "raise" without loss scaling: the step applies as computed and the
+            # Trainer stops at the next log step or checkpoint.
+            updates, opt_state = ts.optimizer.update(grads, state.opt_state, trainable)
+            new_trainable = optax.apply_updates(trainable, updates)
         # Under loss scaling, overflowing gradients with a finite loss are the
         # scaler's ordinary work (it halves the scale); only a bad loss is "bad".
         bad = ~finite if scale is None else ~jnp.isfinite(loss)

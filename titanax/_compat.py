@@ -410,8 +410,10 @@ def memory_stats(device: Any) -> dict[str, int] | None:
     **Returns:** the statistics, or `None` where the backend reports none.
     """
     read = getattr(device, "memory_stats", None)
-    stats: Mapping[str, int] | None = read() if callable(read) else None
-    return dict(stats) if stats else None
+    stats = read() if callable(read) else None
+    if not isinstance(stats, Mapping) or not stats:
+        return None
+    return {str(k): v for k, v in stats.items()}
 
 
 # --- Orbax --------------------------------------------------------------------------

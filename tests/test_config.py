@@ -71,11 +71,21 @@ def _no_compilation():
         if "backend_compile" in event:
             compiled.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    # jax 0.7.2 has no public way to unregister a listener: there it stays, inert.
+    unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+    active = [True]
+
+    def gated(event: str, duration: float, **kwargs):
+        if active[0]:
+            listener(event, duration, **kwargs)
+
+    jax.monitoring.register_event_duration_secs_listener(gated)
     try:
         yield
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        active[0] = False
+        if unregister is not None:
+            unregister(gated)
     assert compiled == [], f"compiled before the config error: {compiled}"
 
 

@@ -4,6 +4,8 @@ Models name the logical axes of their arrays; a `Plan` maps logical axes to mesh
 Nothing is guessed: every sharding comes from the model's PyTree and the plan.
 """
 
+# First: `_compat` checks the JAX version before any module uses newer JAX names.
+from . import _compat as _compat  # noqa: F401
 from . import _distributed as distributed  # noqa: F401  (tx.distributed)
 from . import config as config
 from . import data as data

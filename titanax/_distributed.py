@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 
+from ._compat import distributed_initialize
 from ._errors import ConfigError
 
 __all__ = ["Cluster", "detect", "initialize"]
@@ -149,19 +150,19 @@ def initialize(
     if jax.distributed.is_initialized():
         return cluster
     if cluster.kind == "titanax":
-        jax.distributed.initialize(
-            cluster.coordinator,
+        distributed_initialize(
+            coordinator_address=cluster.coordinator,
             num_processes=cluster.num_processes,
             process_id=cluster.process_id,
-            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            heartbeat_timeout_s=heartbeat_timeout_s,
             **kwargs,
         )
     else:
         # JAX's own cluster detection reads the coordinator from SLURM / Open MPI.
         method = {"slurm": "slurm", "openmpi": "ompi"}[cluster.kind]
-        jax.distributed.initialize(
+        distributed_initialize(
             cluster_detection_method=method,
-            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            heartbeat_timeout_s=heartbeat_timeout_s,
             **kwargs,
         )
     return cluster

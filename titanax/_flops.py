@@ -10,11 +10,11 @@ own matmul FLOPs is replaced by that count.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
-from jax.extend import core as jex_core
+
+from ._compat import compiled_cost, is_jaxpr, shard_map_manual_axes
 
 __all__ = ["matmul_flops", "step_flops", "xla_flops"]
 
@@ -47,13 +47,13 @@ def _sub_jaxprs(eqn: Any) -> list[tuple[Any, float]]:
         # The body sees one device's shards: it runs once per device of the
         # axes it is manual over.
         mesh = eqn.params["mesh"]
-        manual = eqn.params.get("newly_manual_axes") or mesh.axis_names
+        manual = shard_map_manual_axes(eqn.params)
         times = float(math.prod(mesh.shape[a] for a in manual))
     for name, value in eqn.params.items():
         values = value if isinstance(value, tuple | list) else (value,)
         for v in values:
             jaxpr = getattr(v, "jaxpr", v)
-            if isinstance(jaxpr, jex_core.Jaxpr):
+            if is_jaxpr(jaxpr):
                 out.append((jaxpr, times if name == "jaxpr" else 1.0))
     if eqn.primitive.name == "cond":  # one branch runs: count the largest
         branches = [(b.jaxpr, 1.0) for b in eqn.params["branches"]]
@@ -83,14 +83,8 @@ def matmul_flops(fn: Any, *args: Any) -> float:
 
 def xla_flops(compiled: Any) -> float | None:
     """XLA's FLOP count of a compiled program, per device (None if unknown)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # a backend without cost analysis
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    flops = cost.get("flops") if isinstance(cost, Mapping) else None
-    return float(flops) if flops and flops > 0 else None
+    flops = compiled_cost(compiled).get("flops")  # {} without a cost analysis
+    return flops if flops and flops > 0 else None
 
 
 def step_flops(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import re
+import textwrap
 import time
 from typing import Any
 
@@ -12,10 +13,12 @@ import jax
 
 from . import _distributed as distributed
 from . import loggers as tlog
+from ._compat import compiled_memory
 from ._errors import ConfigError
 from ._explain import bytes_per_device, explain
 from ._flops import step_flops
 from ._units import format_bytes
+from ._versions import version_rows
 from .config import Config, Run, build_run
 from .config import train as train_config
 from .train import TrainState, abstract_state
@@ -52,19 +55,19 @@ def parse_bytes(text: str) -> int:
 
 
 def step_memory(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of a compiled step, from `compiled.memory_analysis()`.
+    """Per-device bytes of a compiled step, from XLA's buffer assignment.
 
     **Returns:** `arguments`, `outputs`, `aliased` (outputs written over donated
     arguments), `temporaries`, `code`, and `peak` (arguments + outputs - aliased
     + temporaries + code: what the step needs at once).
     """
-    m = compiled.memory_analysis()
+    m = compiled_memory(compiled)
     out = {
-        "arguments": int(m.argument_size_in_bytes),
-        "outputs": int(m.output_size_in_bytes),
-        "aliased": int(m.alias_size_in_bytes),
-        "temporaries": int(m.temp_size_in_bytes),
-        "code": int(m.generated_code_size_in_bytes),
+        "arguments": m.argument,
+        "outputs": m.output,
+        "aliased": m.alias,
+        "temporaries": m.temp,
+        "code": m.generated_code,
     }
     out["peak"] = (
         out["arguments"]
@@ -191,12 +194,24 @@ def explain_config(
 # --- info -------------------------------------------------------------------------
 
 
+def versions_text() -> str:
+    """The installed versions against the tested range, one package a line."""
+    rows = [("package", "installed", "tested", ""), *version_rows()]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:3], width, strict=True))
+        + (f"  ({row[3]})" if row[3] else "")
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def info_text() -> str:
     """`titanax info`: versions, devices, processes and the detected cluster."""
     cluster = distributed.detect()
     lines = [
         f"python:    {platform.python_version()} ({platform.platform()})",
-        "versions:  " + " | ".join(f"{k} {v}" for k, v in tlog.versions().items()),
+        "versions:  " + textwrap.indent(versions_text(), " " * 11).lstrip(),
         f"backend:   {jax.default_backend()}",
         f"devices:   {tlog.describe_devices()}",
         f"processes: {jax.process_count()} (this is process {jax.process_index()})",

@@ -53,12 +53,9 @@ def backend_started() -> bool:
     jax = sys.modules.get("jax")
     if jax is None:
         return False
-    try:
-        from jax._src import xla_bridge
+    from ._compat import backends_initialized
 
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):
-        return False
+    return backends_initialized()
 
 
 def configure_allocator(

@@ -20,8 +20,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
+from ._compat import auto_mesh, backends_initialized
 from ._errors import MeshError
 
 __all__ = ["MeshSpec", "make_mesh", "simulate_cpu_devices"]
@@ -54,9 +55,7 @@ def simulate_cpu_devices(n: int) -> None:
             f"`simulate_cpu_devices` expects a positive int, got {n!r}.",
             suggestion="Pass a device count, e.g. `simulate_cpu_devices(8)`.",
         )
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    if backends_initialized():
         have = len(jax.devices("cpu"))
         if have == n:
             return
@@ -148,7 +147,7 @@ def make_mesh(devices: Sequence[Any] | None = None, **axis_sizes: int) -> Mesh:
     ordered = _ordered_devices(devices)
     sizes = _resolve_sizes(axis_sizes, len(ordered))
     grid = np.array(ordered, dtype=object).reshape(tuple(sizes.values()))
-    return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
+    return auto_mesh(grid, tuple(sizes))
 
 
 @dataclasses.dataclass(frozen=True)

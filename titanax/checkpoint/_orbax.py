@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from .._axes import is_arraylike, path_str
+from .._compat import orbax_type_handler_registry
 from .._errors import CheckpointError
 from ._damage import (
     DamagedStep,
@@ -835,19 +836,11 @@ def _type_handlers() -> Any:
     that hosts share the writing; in one process it only adds a compiled slice per
     array shape and device (measured: 48 compilations, ~4 s on a 2-core CPU for the
     first save of a small MLP state on 8 devices) and no parallelism. The array
-    handler is built through Orbax's public `type_handlers` module; it keeps no
-    per-host array metadata store, which Orbax uses only to restore typed PRNG key
-    arrays (Titanax stores key data; `save` rejects typed keys).
+    handler keeps no per-host array metadata store, which Orbax uses only to
+    restore typed PRNG key arrays (Titanax stores key data; `save` rejects typed
+    keys).
     """
-    handlers = ocp.type_handlers
-    pairs = [
-        (ty, handlers.get_type_handler(ty))
-        for ty in handlers.supported_types()
-        if ty is not jax.Array
-    ]
-    array_handler = handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
-    pairs.insert(0, (jax.Array, array_handler))
-    return handlers.create_type_handler_registry(*pairs)
+    return orbax_type_handler_registry(use_replica_parallel=jax.process_count() > 1)
 
 
 def _is_value_metadata(x: Any) -> bool:

@@ -23,8 +23,8 @@ from types import FrameType
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 
+from .._compat import preemption_service_enabled, reached_preemption_sync_point
 from .._errors import CheckpointError
 
 __all__ = ["PreemptionGuard"]
@@ -96,7 +96,7 @@ class PreemptionGuard:
             many = self._many = _multiprocess()
         if not many:
             return self.requested
-        return multihost_utils.reached_preemption_sync_point(step)
+        return reached_preemption_sync_point(step)
 
     def request(self, signum: int | None = None) -> None:
         """Ask the run to stop, as a caught signal would (for other stop sources)."""
@@ -142,7 +142,7 @@ def _multiprocess() -> bool:
     """
     if jax.process_count() == 1:
         return False
-    if not jax.config.jax_enable_preemption_service:  # pyright: ignore[reportAttributeAccessIssue]
+    if not preemption_service_enabled():
         raise CheckpointError(
             f"Expected JAX's preemption service with {jax.process_count()} "
             "processes, got `jax_enable_preemption_service=False`: the processes "

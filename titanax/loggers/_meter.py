@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .._compat import memory_stats
 from .._errors import TrainerError
 
 # Dense peak FLOP/s of ONE device (as JAX counts devices: a GPU, a TPU chip) per
@@ -149,7 +150,7 @@ def device_memory(devices: Any = None) -> dict[str, float]:
     """
     in_use, peak = [], []
     for device in jax.local_devices() if devices is None else devices:
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        stats = memory_stats(device)
         if not stats:
             continue
         if "bytes_in_use" in stats:

@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .._compat import shard_map
 from .._errors import CollectiveError, PlanError, ShardingError
 from .._plan import Plan
 from .collectives import (
@@ -286,16 +287,13 @@ def spmd(
             out_static.append(out_rest)
             return out_dynamic
 
-        kwargs: dict[str, Any] = {}
-        if axis_names is not None:
-            kwargs["axis_names"] = frozenset(manual)
-        mapped = jax.shard_map(
+        mapped = shard_map(
             body,
             mesh=mesh,
             in_specs=specs,
             out_specs=PartitionSpec() if out_specs is None else out_specs,
+            axis_names=None if axis_names is None else frozenset(manual),
             check_vma=check_vma,
-            **kwargs,
         )
         # Pinning the input shardings to the specs keeps one compilation whatever the
         # arguments' current placement (e.g. step 1's freshly made batch vs. step 0's

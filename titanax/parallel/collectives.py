@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._compat import mark_varying, trace_mesh_axes, varying_axes
 from .._errors import CollectiveError
 
 __all__ = [
@@ -106,12 +107,7 @@ def _bound_outside_mesh(name: str) -> bool:
 
 def _manual_axes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(all mesh axis names, manual ones) of the mesh the current trace runs under."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return (), ()
-    names = tuple(str(n) for n in mesh.axis_names)
-    manual = tuple(str(n) for n in mesh.manual_axes)
-    return names, manual
+    return trace_mesh_axes()
 
 
 def _check_axes(axis: Any, who: str) -> tuple[str, ...]:
@@ -172,17 +168,7 @@ def _typed_axes(leaf: Any) -> frozenset[str] | None:
 
     `None` if `leaf` carries no such type (a Python number, or outside `shard_map`).
     """
-    try:
-        aval = jax.typeof(leaf)
-    except TypeError:
-        return None
-    vma = getattr(aval, "vma", None)
-    if vma is not None:
-        return frozenset(vma)
-    mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
-    if mat is None:
-        return None
-    return frozenset(mat.varying) | frozenset(mat.unreduced) | frozenset(mat.reduced)
+    return varying_axes(leaf)
 
 
 def _mark_varying_leaf(leaf: Any, names: tuple[str, ...]) -> Any:
@@ -192,7 +178,7 @@ def _mark_varying_leaf(leaf: Any, names: tuple[str, ...]) -> Any:
     missing = tuple(n for n in names if typed is None or n not in typed)
     if not missing:
         return leaf
-    return jax.lax.pcast(leaf, missing, to="varying")
+    return mark_varying(leaf, missing)
 
 
 def _varying_mark(tree: Any, names: tuple[str, ...]) -> Any:

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from ..._axes import logical_axes
+from ..._compat import shard_map
 from ..._errors import PipelineError
 from ..._loss import split_loss_output
 from ..._plan import Plan
@@ -535,7 +536,7 @@ def pipeline_value_and_grad(
         return body(rest_diff, rest_fixed, block_diff, block_fixed, batch, None)
 
     with_key = key is not None
-    mapped = jax.shard_map(
+    mapped = shard_map(
         body if with_key else body_without_key,
         mesh=mesh,
         in_specs=(

@@ -20,9 +20,10 @@ TESTS ?= tests
 # the version table (test_versions), checkpoints resumed across the two
 # environments (test_cross_versions), meshes, tx.spmd and the collectives (vma
 # types), XLA's collectives in the HLO (Shardy: Megatron's all-reduces, one DP
-# reduction), the DP=2 x TP=4 GPT parity against one device, the pipeline schedules (shard_map,
-# compiled memory), FLOP counts (jaxpr equations, cost analysis), Orbax
-# checkpoints, the Trainer's fit basics, `titanax explain`/`info`, and two processes
+# reduction), the DP=2 x TP=4 GPT parity against one device, the pipeline schedules
+# (shard_map, compiled memory), context parallelism (ring attention's ppermute),
+# FLOP counts (jaxpr equations, cost analysis), Orbax checkpoints, the Trainer's
+# fit basics, `titanax explain`/`info`, and two processes
 # over jax.distributed (heartbeat, preemption sync point).
 # Measured on the 2-core development machine, shared (load average 3-4): creating
 # .venv-min (venv, pip install -r ci/min-versions.txt from a local package mirror,
@@ -51,6 +52,7 @@ TESTS_MIN ?= \
 	tests/test_pipeline.py::test_dp_x_pp_parity \
 	tests/test_pipeline.py::test_hlo_boundary_permutes_and_one_dp_reduction \
 	tests/test_pipeline.py::test_remat_policies_keep_gradients_and_cut_gpipe_memory \
+	'tests/test_cp.py::test_parity_with_one_device[gpt]' \
 	tests/test_checkpoint.py \
 	--deselect tests/test_checkpoint.py::test_abstract_state_matches_init \
 	--deselect tests/test_checkpoint.py::test_round_trip_bf16_and_partial_freezing \

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 import titanax as tx
@@ -58,9 +59,12 @@ def test_configure_allocator_removes_page_faults():
         "trim_threshold": 2**31 - 1,
         "arena_max": 1,
     }
-    # Measured: ~300k faults per call without, ~5k with (2-core x86-64, glibc 2.36).
+    # Measured (2-core x86-64, glibc 2.36): jax 0.10, ~300k faults per call
+    # without, ~5k with; jax 0.7.2 (the minimum) faults less to begin with, ~20k
+    # without and 8-12k with: its XLA:CPU keeps more of the step's buffers.
     assert plain["faults"] > 2_000, plain
-    assert tuned["faults"] < plain["faults"] / 10, (plain, tuned)
+    factor = 10 if jax.__version_info__ >= (0, 10) else 1.5
+    assert tuned["faults"] < plain["faults"] / factor, (plain, tuned)
 
 
 def test_configure_allocator_rejects_values_mallopt_cannot_take():

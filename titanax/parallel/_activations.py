@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .._compat import shard_map
 from .._errors import PlanError, ShardingError
 from .._plan import Plan
 from ._ring_attention import context_attention, from_zigzag, to_zigzag, zigzag_positions
@@ -235,7 +236,7 @@ class Activations(eqx.Module):
         spec = self._checked_spec(x, names, sequence_parallel=False, who=who)
         assert self.plan.cp is not None
         axis, n = self.plan.cp.axis, self.context_size
-        mapped = jax.shard_map(
+        mapped = shard_map(
             lambda local: fn(local, axis, n, dim),
             mesh=self.mesh,
             in_specs=spec,
@@ -337,7 +338,7 @@ class Activations(eqx.Module):
             )
         axis, n = self.plan.cp.axis, self.context_size
         gather = self.plan.cp.attention == "all_gather"
-        mapped = jax.shard_map(
+        mapped = shard_map(
             lambda q, k, v: context_attention(q, k, v, axis=axis, n=n, gather=gather),
             mesh=self.mesh,
             in_specs=(q_spec, kv_spec, kv_spec),

@@ -12,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The demo: a CNN on digits (data parallel, seconds), then a GPT with DP x TP (a minute).
 DEMO ?= examples/mnist_dp/train.py --model cnn && $(BIN)/python examples/gpt/train.py --dp 2 --tp 4 --steps 600
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 # Test paths for `make test` (default: the whole suite), e.g. TESTS=tests/test_cli.py.
 TESTS ?= tests
 # The minimum-versions run (`make test-min`, Python 3.11): a named subset that goes

@@ -6,7 +6,7 @@ Titanax builds meshes with **Auto** axis types (`jax.sharding.AxisType.Auto`), n
 the model, which is how Megatron-style tensor parallelism falls out of weight
 shardings alone. Under Explicit axes, plain indexing of a sharded array can raise
 `ShardingTypeError`, `jax.shard_map` refuses inputs whose sharding differs from its
-`in_specs`, and some Orbax versions fail to save or restore (see `jax-notes.md`).
+`in_specs`, and some Orbax versions fail to save or restore.
 """
 
 from __future__ import annotations

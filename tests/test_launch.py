@@ -205,13 +205,24 @@ def test_rank_env_and_bad_launch(capsys):
 
 
 def test_launch_prefixes_output_and_returns_the_failing_code(tmp_path, capsys):
+    # Rank 1 fails only once rank 0 has printed (the launcher stops the others at
+    # once, so without this handshake rank 0 may be stopped before it says hello);
+    # rank 0 then waits to be stopped.
+    printed = tmp_path / "rank0-printed"
     script = (
-        "import os, sys; r = os.environ['TITANAX_PROCESS_ID']; "
-        "print('hello from', r, os.environ['TITANAX_NUM_PROCESSES']); "
-        "sys.exit(3 if r == '1' else 0)"
+        "import os, sys, time, pathlib; r = os.environ['TITANAX_PROCESS_ID']; "
+        f"flag = pathlib.Path({str(printed)!r})\n"
+        "if r == '1':\n"
+        "    while not flag.exists(): time.sleep(0.01)\n"
+        "print('hello from', r, os.environ['TITANAX_NUM_PROCESSES'], flush=True)\n"
+        "if r == '0':\n"
+        "    flag.touch(); time.sleep(120)\n"
+        "sys.exit(3)\n"
     )
+    start = time.monotonic()
     code = main(["launch", "-n", "2", "--", sys.executable, "-c", script])
     captured = capsys.readouterr()
     assert code == 3
+    assert time.monotonic() - start < 60  # rank 0 was stopped, not waited for
     assert "[0] hello from 0 2" in captured.out and "[1] hello from 1 2" in captured.out
     assert "titanax launch: rank 1 exited with code 3" in captured.err

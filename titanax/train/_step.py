@@ -18,6 +18,7 @@ object (like `jax.jit`'s own), so a `TrainStep` never changes after construction
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -327,10 +328,19 @@ class TrainStep:
 
     # --- programs -----------------------------------------------------------------
 
-    def compile(self, state: TrainState, batch: Any) -> CompiledStep:
+    def compile(
+        self, state: TrainState, batch: Any, *, packed: bool = False
+    ) -> CompiledStep:
         """The program that steps states and batches laid out like these (built on
-        first use, then reused: an equal layout gives the same program)."""
-        return _program(self, state, batch, "train")
+        first use, then reused: an equal layout gives the same program).
+
+        `packed=True` gives the form `tx.Trainer` runs: the int32 counters travel as
+        one vector and the metrics come back as one vector (`CompiledStep.metrics`
+        names them). Every argument and result costs the host a buffer per device
+        at each dispatch, so on a multi-device mesh this saves tens of buffers per
+        step; `flatten`/`unflatten` then cost a small dispatch each, which a loop
+        over flat arrays pays once."""
+        return _program(self, state, batch, "fit" if packed else "train")
 
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """One optimizer step; returns the new state and on-device metrics."""
@@ -375,23 +385,38 @@ class CompiledStep:
 
     - `treedef`, `static_leaves`, `array_index`: the state's structure: its leaves
         are `static_leaves` with the arrays put back at `array_index`.
-    - `state_shardings`: each state array's pinned sharding (in `flatten` order).
+    - `packed`: which of those arrays (positions in `array_index`) are replicated
+        int32 scalars (the step, data position and bad-step counters, Adam's count)
+        that travel as one vector at the end of `flatten`'s list.
+    - `state_shardings`: the pinned sharding of each array of `flatten`'s list.
     - `mask`: a bool per model leaf: which arrays train.
     - `batch`: the `BatchLayout` every batch must have.
-    - `run`: the jitted `(arrays, batch_leaves) -> (arrays, metrics)` (training;
-        the state arrays are donated) or `-> metrics` (evaluation).
+    - `run`: the jitted `(arrays, batch_leaves) -> (arrays, metrics)` over
+        `flatten`'s list (training; the state arrays are donated; the metrics are a
+        dict, or one float32 vector when packed: see `metrics`) or `-> metrics`
+        (evaluation).
+    - `metric_names`: for a packed program, the names of its metrics vector's
+        entries, filled in when it is traced (they come from the loss); None when
+        the metrics come as a dict.
     """
 
     treedef: Any
     static_leaves: tuple[Any, ...]
     array_index: tuple[int, ...]
+    packed: tuple[int, ...]
     state_shardings: tuple[NamedSharding, ...]
     mask: tuple[bool, ...]
     batch: BatchLayout
     run: Any
+    metric_names: MetricNames | None = None
 
-    def flatten(self, state: TrainState) -> list[jax.Array]:
-        """The state's arrays as a flat list (the program's own representation)."""
+    def flatten(self, state: TrainState) -> list[Any]:
+        """The state's arrays as a flat list (the program's own representation).
+
+        The int32 counters are stacked into one vector: every argument and result of
+        the step costs the host a buffer per device at each dispatch, so one vector
+        instead of six scalars saves tens of buffers per step on a multi-device mesh.
+        """
         leaves, treedef = jax.tree.flatten(state)
         if treedef != self.treedef:
             raise TrainerError(
@@ -399,10 +424,25 @@ class CompiledStep:
                 "got a different one.",
                 suggestion="Use the state returned by `init` or by the previous step.",
             )
-        return [leaves[i] for i in self.array_index]
+        return self.arrays_of(leaves)
 
-    def unflatten(self, arrays: list[jax.Array]) -> TrainState:
+    def arrays_of(self, leaves: list[Any]) -> list[Any]:
+        """`flatten` of a state's leaves (no structure check)."""
+        arrays = [leaves[i] for i in self.array_index]
+        if not self.packed:
+            return arrays
+        scalars = [arrays[j] for j in self.packed]
+        skip = set(self.packed)
+        rest = [x for j, x in enumerate(arrays) if j not in skip]
+        return [*rest, _stack(scalars, self.state_shardings[-1])]
+
+    def unflatten(self, arrays: list[Any]) -> TrainState:
         """The inverse of `flatten`."""
+        arrays = list(arrays)
+        if self.packed:
+            scalars = _unstack(arrays.pop(), len(self.packed))
+            for j, x in zip(self.packed, scalars, strict=True):
+                arrays.insert(j, x)  # `packed` ascends: each lands at its position
         leaves = list(self.static_leaves)
         for i, x in zip(self.array_index, arrays, strict=True):
             leaves[i] = x
@@ -432,11 +472,95 @@ class CompiledStep:
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """One step on a state and a host batch."""
         arrays, metrics = self.run(self.flatten(state), self.leaves(batch))
-        return self.unflatten(arrays), metrics
+        return self.unflatten(arrays), self.metrics(metrics)
+
+    def metrics(self, metrics: Any) -> dict[str, jax.Array]:
+        """A training step's metrics as a dict of float32 scalars (on device): a
+        packed program's vector (the loss, the gradient norm, the loss's own
+        metrics, ...) unstacked; a dict as it is."""
+        if self.metric_names is None:
+            return metrics
+        names = self.metric_names.get()
+        return dict(zip(names, _unstack(metrics, len(names)), strict=True))
+
+    def host_metrics(self, metrics: Any) -> dict[str, float]:
+        """`metrics`, fetched: Python floats (waits for the step)."""
+        if self.metric_names is None:
+            return {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values = np.asarray(jax.device_get(metrics)).tolist()
+        return dict(zip(self.metric_names.get(), values, strict=True))
 
     def lower(self, arrays: list[jax.Array], batch_leaves: list[Any]) -> Any:
         """The lowered program for these flat arguments."""
         return self.run.lower(arrays, batch_leaves)
+
+
+class MetricNames:
+    """The names of a training program's metrics, in the order of its metrics
+    vector. They come from the loss, so they are known once the program has been
+    traced (by its first call or `lower`); set then, never changed."""
+
+    def __init__(self):
+        self._names: tuple[str, ...] | None = None
+
+    def set(self, names: tuple[str, ...]) -> None:
+        assert self._names in (None, names), (self._names, names)
+        self._names = names
+
+    def get(self) -> tuple[str, ...]:
+        if self._names is None:
+            raise TrainerError(
+                "Expected a training program that has run or been lowered, got one "
+                "that was never traced: its metric names are not known yet.",
+                suggestion="Call the step (or `lower` it) before reading its metrics.",
+            )
+        return self._names
+
+
+def _stack(scalars: list[Any], sharding: NamedSharding) -> Any:
+    """Scalars -> one vector: traced inside the step, an array outside it, or a
+    `ShapeDtypeStruct` for an abstract state."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in scalars):
+        return jax.ShapeDtypeStruct((len(scalars),), jnp.int32, sharding=sharding)
+    if any(isinstance(x, jax.core.Tracer) for x in scalars):
+        return jnp.stack(scalars)
+    return _stack_program(sharding)(scalars)
+
+
+def _unstack(vector: Any, n: int) -> list[Any]:
+    """The inverse of `_stack`."""
+    if isinstance(vector, jax.ShapeDtypeStruct):
+        return [jax.ShapeDtypeStruct((), vector.dtype, sharding=vector.sharding)] * n
+    if isinstance(vector, jax.core.Tracer):
+        return list(vector)
+    return list(_unstack_program(vector.sharding, n)(vector))
+
+
+@functools.cache
+def _stack_program(sharding: NamedSharding) -> Any:
+    return jax.jit(jnp.stack, out_shardings=sharding)
+
+
+@functools.cache
+def _unstack_program(sharding: Any, n: int) -> Any:
+    def unstack(vector: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(vector[i] for i in range(n))
+
+    return jax.jit(unstack, out_shardings=sharding)
+
+
+def _packed_counters(
+    leaves: list[Any], array_index: tuple[int, ...], shardings: tuple[Any, ...]
+) -> tuple[int, ...]:
+    """Positions (in `array_index`) of the replicated int32 scalars, if several."""
+    packed = tuple(
+        j
+        for j, i in enumerate(array_index)
+        if tuple(leaves[i].shape) == ()
+        and leaves[i].dtype == jnp.int32
+        and shardings[j].spec == PartitionSpec()
+    )
+    return packed if len(packed) > 1 else ()
 
 
 # Programs, per TrainStep and per layout. Like `jax.jit`'s own cache, it belongs to no
@@ -456,7 +580,7 @@ def _static_key(leaf: Any) -> Any:
     return leaf
 
 
-Kind = Literal["train", "eval", "grads"]
+Kind = Literal["train", "fit", "eval", "grads"]
 
 
 def _program(ts: TrainStep, state: Any, batch: Any, kind: Kind) -> CompiledStep:
@@ -500,21 +624,27 @@ def _build(
     # can be built and lowered for a state that was never allocated.
     array_index = tuple(i for i, x in enumerate(leaves) if is_arraylike(x))
     static = tuple(None if is_arraylike(x) else x for x in leaves)
-    state_shardings = tuple(_sharding_of(leaves[i], ts.mesh) for i in array_index)
+    shardings_ = tuple(_sharding_of(leaves[i], ts.mesh) for i in array_index)
+    packed = _packed_counters(leaves, array_index, shardings_) if kind == "fit" else ()
+    state_shardings = tuple(s for j, s in enumerate(shardings_) if j not in packed)
+    if packed:
+        state_shardings += (replicated(ts.mesh),)
     mask = trainable_mask(state.model, ts.trainable)
     skeleton = CompiledStep(
         treedef=treedef,
         static_leaves=static,
         array_index=array_index,
+        packed=packed,
         state_shardings=state_shardings,
         mask=mask,
         batch=layout,
         run=None,
+        metric_names=MetricNames() if kind == "fit" else None,
     )
     _check_loss(ts, state, layout, kind)
     rep = replicated(ts.mesh)
     in_shardings = (list(state_shardings), list(layout.shardings))
-    if kind == "train":
+    if kind in ("train", "fit"):
         run = jax.jit(
             _train_fn(ts, skeleton),
             in_shardings=in_shardings,
@@ -644,8 +774,11 @@ def _train_fn(ts: TrainStep, layout: CompiledStep) -> Callable[..., Any]:
             out["lr"] = jnp.asarray(lr, jnp.float32)
         if scale is not None:
             out["loss_scale"] = scale
-        new_leaves = jax.tree.leaves(new_state)
-        return [new_leaves[i] for i in layout.array_index], out
+        arrays = layout.arrays_of(jax.tree.leaves(new_state))
+        if layout.metric_names is None:
+            return arrays, out
+        layout.metric_names.set(tuple(out))
+        return arrays, jnp.stack([jnp.asarray(v, jnp.float32) for v in out.values()])
 
     return train_step
 

@@ -672,7 +672,9 @@ class _Loop:
                     "Expected `fit(data=...)` to yield at least one batch, got none.",
                     suggestion="Check the data source; pass a non-empty iterable.",
                 )
-            program = self.program = trainer.train_step.compile(state, batch)
+            program = self.program = trainer.train_step.compile(
+                state, batch, packed=True
+            )
             self.arrays = program.flatten(state)
             rows = program.batch.rows
             if self.position:
@@ -724,7 +726,7 @@ class _Loop:
         drop_last, continue_on_error = self.drop_last, trainer.continue_on_error
         arrays = self.arrays
         profile, histograms_every = trainer.profile, trainer.histograms_every
-        metrics: dict[str, Any] = {}
+        metrics: Any = None  # the last step's metrics vector (`program.metrics`)
         meter: Meter | None = None
         timer, last_logged = time.perf_counter(), step
         failures: list[BaseException] = []  # consecutive
@@ -795,7 +797,7 @@ class _Loop:
             # The same answer on every process for the same step: all save it.
             if guard is not None and guard.should_stop(step):
                 self.preempted(step)
-        if metrics and step != last_logged and meter is not None:
+        if metrics is not None and step != last_logged and meter is not None:
             self.log(step, metrics, meter, step - last_logged, timer)
         return step
 
@@ -804,7 +806,7 @@ class _Loop:
         program: CompiledStep,
         arrays: list[Any],
         leaves: list[Any],
-        metrics: dict[str, Any],
+        metrics: jax.Array,
         started: float,
     ) -> Meter:
         """After a `fit`'s first step (left out of the meter's timing): its time is
@@ -948,13 +950,15 @@ class _Loop:
     def log(
         self,
         step: int,
-        metrics: dict[str, Any],
+        metrics: jax.Array,
         meter: Meter | None,
         steps_timed: int,
         since: float,
     ) -> None:
         trainer = self.trainer
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        program = self.program
+        assert program is not None
+        host = program.host_metrics(metrics)
         elapsed = time.perf_counter() - since
         if meter is not None and steps_timed > 0 and elapsed > 0:
             host.update(meter.update(steps_timed, elapsed))

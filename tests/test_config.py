@@ -2,6 +2,7 @@
 checks against devices and model that run before any compilation."""
 
 import contextlib
+import csv
 import json
 from pathlib import Path
 
@@ -11,7 +12,18 @@ import numpy as np
 import pytest
 
 import titanax as tx
-from titanax.config import Config, build_run, config_to_dict, load_config
+from titanax._hlo import collectives
+from titanax.config import (
+    Config,
+    CPConfig,
+    PlanConfig,
+    TPConfig,
+    build_run,
+    config_to_dict,
+    load_config,
+    make_plan,
+)
+from titanax.parallel._ring_attention import ring_traffic_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -88,6 +100,16 @@ def _no_compilation():
             unregister(gated)
     assert compiled == [], f"compiled before the config error: {compiled}"
 
+
+# `GPT` with DP=2 x CP=4 instead of DP=2 x TP=4.
+CP4 = ["plan.tp=null", "plan.cp={axis: context}", "mesh={data: 2, context: 4}"]
+# A factory without a `layout` keyword (the MLP preset's, named as a factory).
+MLP_FACTORY = [
+    "model.preset=null",
+    "model.factory=titanax.config._presets:mlp",
+    "model.kwargs={}",
+    "model.loss=models.mlp:cross_entropy_loss",
+]
 
 BAD = [
     pytest.param(
@@ -242,6 +264,72 @@ BAD = [
         id="window-longer-than-the-model",
     ),
     pytest.param(
+        [*CP4, "plan.pp={axis: pipe}", "mesh={data: 1, context: 4, pipe: 2}"],
+        {},
+        "plan.cp",
+        r"Expected at most one of `plan.cp` and `plan.pp`, got both",
+        id="cp-with-pp",
+    ),
+    pytest.param(
+        [*CP4, *MLP_FACTORY],
+        {},
+        "model.factory",
+        r"Expected the factory at `model.factory` to take a `layout` keyword under "
+        r"`plan.cp` \(over `context`\) .*got `mlp\(\*, key",
+        id="cp-factory-without-layout",
+    ),
+    pytest.param(
+        ["plan.tp.sequence_parallel=true", *MLP_FACTORY],
+        {},
+        "model.factory",
+        r"to take a `layout` keyword under `plan.tp.sequence_parallel` \(over "
+        r"`model`\)",
+        id="sp-factory-without-layout",
+    ),
+    pytest.param(
+        [*CP4, "model.preset=cnn", "model.kwargs={}"],
+        {},
+        "model.preset",
+        r"got the preset `cnn`, whose factory takes no `layout`",
+        id="cp-preset-without-layout",
+    ),
+    pytest.param(
+        [*CP4, "model.kwargs.layout=mine"],
+        {},
+        "model.kwargs.layout",
+        r"Expected no `layout` in `model.kwargs` under `plan.cp`",
+        id="cp-layout-by-hand",
+    ),
+    pytest.param(
+        [*CP4, "model.kwargs.dropout=0.1"],
+        {},
+        "model.kwargs.dropout",
+        r"Expected `model.kwargs.dropout` to be 0 under `plan.cp`, got 0.1",
+        id="cp-with-dropout",
+    ),
+    pytest.param(
+        [*CP4, "model.kwargs.block_size=36"],
+        {},
+        "model.kwargs.block_size",
+        r"Expected the context length \(`model.kwargs.block_size`\) to be a multiple "
+        r"of 8 \(2 x `context`=4: the zigzag split cuts it into 8 chunks\), got 36",
+        id="cp-context-not-a-multiple-of-2n",
+    ),
+    pytest.param(
+        [*CP4, "data.seq_len=12"],
+        {},
+        "data.seq_len",
+        r"\(`data.seq_len`\) to be a multiple of 8 .*got 12",
+        id="cp-window-not-a-multiple-of-2n",
+    ),
+    pytest.param(
+        ["plan.tp.sequence_parallel=true", "data.seq_len=10"],
+        {},
+        "data.seq_len",
+        r"multiple of 4 \(sequence parallelism splits it over `model`=4\), got 10",
+        id="sp-window-not-a-multiple-of-tp",
+    ),
+    pytest.param(
         ["data.source=function", "data.function=numpy:arange", "data.kwargs={}"],
         {},
         "data.kwargs",
@@ -269,7 +357,7 @@ def test_bad_configs_fail_before_compiling(overrides, env, path, match):
 
 
 def test_example_configs_load_and_build():
-    for name in ("mnist_dp", "gpt_small_tp", "gpt_small_pp"):
+    for name in ("mnist_dp", "gpt_small_tp", "gpt_small_cp", "gpt_small_pp"):
         config = load_config(CONFIGS / f"{name}.yaml", env={})
         run = build_run(config, loggers=[])
         assert run.trainer.plan == run.plan
@@ -279,6 +367,104 @@ def test_example_configs_load_and_build():
         assert batch["x"].shape[0] == config.data.batch_size  # one process: all rows
     assert dict(run.mesh.shape) == {"data": 2, "model": 2, "pipe": 2}
     assert run.tokens_per_sample == 32  # the model's block_size
+
+
+OWN_FACTORY = """
+from models.gpt import GPT, GPTConfig
+
+
+def make(*, key, layout=None, block_size=16):
+    config = GPTConfig.preset(
+        "tiny", n_head=4, vocab_size=256, block_size=block_size, layout=layout
+    )
+    return GPT(config, key=key)
+"""
+
+
+def test_cp_and_sp_sections_give_the_model_the_plans_layout(tmp_path):
+    # The sections' defaults are `tx.CP`'s and `tx.TP`'s.
+    assert make_plan(PlanConfig(cp=CPConfig())).cp == tx.CP()
+    assert make_plan(PlanConfig(tp=TPConfig())).tp == tx.TP()
+    gathered = [*CP4, "plan.cp.attention=all_gather"]
+    run = build_run(load_config(GPT, gathered), loggers=[])
+    assert run.plan.cp == tx.CP("context", attention="all_gather")
+    layout = run.abstract_model.config.layout
+    assert isinstance(layout, tx.Activations) and layout.context_size == 4
+    assert layout.plan == run.plan
+    assert dict(layout.mesh.shape) == {"data": 2, "context": 4}
+    sp = build_run(load_config(GPT, ["plan.tp.sequence_parallel=true"]), loggers=[])
+    assert sp.plan.tp is not None and sp.plan.tp.sequence_parallel
+    assert sp.abstract_model.config.layout.plan == sp.plan
+    # Without a sequence split the model gets no layout.
+    assert build_run(load_config(GPT), loggers=[]).abstract_model.config.layout is None
+    # The Llama preset, and a factory of one's own with a `layout` keyword.
+    llama = ["model.preset=llama", "model.kwargs={size: tiny, vocab_size: 256}"]
+    run = build_run(load_config(GPT, [*CP4, *llama]), loggers=[])
+    assert type(run.abstract_model).__name__ == "Llama"
+    assert run.abstract_model.config.layout.plan == run.plan
+    (tmp_path / "own.py").write_text(OWN_FACTORY)
+    own = [
+        "model.preset=null",
+        f"model.factory={tmp_path / 'own.py'}:make",
+        "model.kwargs={block_size: 32}",
+        "model.loss=models.gpt:gpt_loss",
+    ]
+    run = build_run(load_config(GPT, [*CP4, *own]), loggers=[])
+    assert run.abstract_model.config.layout.plan.cp == tx.CP()
+    assert run.tokens_per_sample == 32
+
+
+def test_cp_config_trains_with_the_sequence_split(tmp_path):
+    """`examples/configs/gpt_small_cp.yaml` (DP=2 x CP=4, a 256-byte context) through
+    `tx.config.train`, the body of `titanax train`: the loss falls, and the step it
+    compiled sends keys and values round the `context` ring and never moves a
+    whole sequence of activations."""
+    log = tmp_path / "log.csv"
+    overrides = [
+        "steps=20",
+        "logging.every=1",
+        "logging.console=none",
+        f"logging.csv={log}",
+    ]
+    config = load_config(CONFIGS / "gpt_small_cp.yaml", overrides, env={})
+    trainer = tx.config.train(config)
+    with log.open() as f:
+        losses = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+    assert sorted(losses) == list(range(1, 21))
+    assert losses[1] > 5.0  # ~ln(256): bytes uniform at the start
+    assert losses[20] < losses[1] - 1.5, losses
+
+    # The program the Trainer ran (lowered with the same arguments: jit's cache
+    # gives it back without compiling again).
+    run = build_run(config, loggers=[])
+    with run.data.batches(0, run.plan, run.mesh) as batches:
+        batch = next(batches)
+    assert trainer.state is not None
+    program = trainer.train_step.compile(trainer.state, batch)
+    lowered = program.lower(program.flatten(trainer.state), program.leaves(batch))
+    ops = collectives(lowered.compile().as_text(), trainer.mesh)
+    gpt = run.abstract_model.config
+    n, rows = 4, config.data.batch_size // 2  # CP size; rows per data shard
+    full = rows * gpt.block_size * gpt.n_embd * 4  # one (rows, T, C) fp32 activation
+    kv_bytes = 2 * full // n  # S: one device's keys and values, (rows, T/N, C) each
+    permutes = [op.bytes for op in ops if op.kind == "collective-permute"]
+    assert all(op.axes == ("context",) for op in ops if op.kind == "collective-permute")
+    ring = sum(b for b in permutes if b == kv_bytes // 2)  # a key or value block
+    # Per layer at least: keys and values once round the ring forward, (N-1) S, and
+    # their gradients home, N S; at most also the backward's second round (XLA may
+    # reuse the forward's blocks across the unrolled layers instead).
+    low = gpt.n_layer * (2 * n - 1) * kv_bytes
+    assert low <= ring <= gpt.n_layer * ring_traffic_bytes(kv_bytes, n), ring
+    # The rest: the zigzag reorders of the tokens (in) and of the last hidden states
+    # (out and its gradient), half a device's block each.
+    rest = sorted(b for b in permutes if b != kv_bytes // 2)
+    assert rest == [rows * gpt.block_size // n // 2 * 4] * 2 + [full // n // 2] * 4
+    # Besides the gradients' all-reduces, no collective moves more than 1/N of a
+    # sequence: the sequence stays split.
+    moved = [op.bytes for op in ops if op.kind != "all-reduce"]
+    assert max(moved) * n <= full, max(moved)
+    # Shown with `pytest -s`: the measured numbers.
+    print(f"loss {losses[1]:.3f} -> {losses[20]:.3f}; ring bytes {ring} (>= {low})")
 
 
 def test_trainer_gets_the_logging_and_profile_sections():

@@ -2,7 +2,8 @@
 
 Parity: the loss and every gradient of the GPT and the Llama, causal, in fp32, under
 CP=2/4/8, DP x CP, TP x CP (ring and all-gather attention) and TP=4 with sequence
-parallelism equal one device's to <= 1e-5 (max |difference| / max |reference|).
+parallelism, and of the GPT under FSDP x CP and FSDP x TP x CP, equal one device's to
+<= 1e-5 (max |difference| / max |reference|).
 
 Communication, from the compiled, optimized HLO: under CP each layer's
 collective-permutes carry exactly the analytic ring volume (keys and values once
@@ -15,6 +16,8 @@ the same global context.
 """
 
 import dataclasses
+import functools
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -50,19 +53,22 @@ ROWS = 4  # global batch: DP=2 gets 2 rows each
 FAST = {"xla_backend_optimization_level": 0}
 
 
-def _tp_rules(model):
-    return dict(rules={n: "model" for n in llama_plans.TP_RULES}) if model else {}
+def _tp_rules(llama):
+    """TP's rules: the Llama's also split `kv_heads`; None is TP's default."""
+    return {n: "model" for n in llama_plans.TP_RULES} if llama else None
 
 
-def _plan(name, *, attention="ring", llama=False):
+def _plan(name, *, attention: Any = "ring", llama=False):
     """The plan of one parity case, by name."""
     cp = tx.CP("context", attention=attention)
-    tp_kw = _tp_rules(llama)
+    rules = _tp_rules(llama)
     return {
         "cp": tx.Plan(cp=cp),
         "dp_cp": tx.Plan(dp=tx.DP("data"), cp=cp),
-        "tp_cp": tx.Plan(tp=tx.TP("model", **tp_kw), cp=cp),
-        "sp": tx.Plan(tp=tx.TP("model", sequence_parallel=True, **tp_kw)),
+        "tp_cp": tx.Plan(tp=tx.TP("model", rules), cp=cp),
+        "fsdp_cp": tx.Plan(fsdp=tx.FSDP("data"), cp=cp),
+        "fsdp_tp_cp": tx.Plan(fsdp=tx.FSDP("data"), tp=tx.TP("model", rules), cp=cp),
+        "sp": tx.Plan(tp=tx.TP("model", rules, sequence_parallel=True)),
     }[name]
 
 
@@ -84,13 +90,19 @@ def _loss_and_grads(model, batch, loss_fn, plan, mesh, compiler_options=FAST):
     return float(loss), grads
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def reference(request):
-    """(name, loss, gradients) of the model on one device, without a layout."""
-    config, make, loss_fn = MODELS[request.param]
+@functools.cache
+def _reference(name):
+    """(loss, gradients) of the model on one device, without a layout."""
+    config, make, loss_fn = MODELS[name]
     batch = _batch(config, ROWS)
     mesh = tx.make_mesh(jax.devices()[:1], data=1)
-    return request.param, _loss_and_grads(make(config), batch, loss_fn, tx.Plan(), mesh)
+    return _loss_and_grads(make(config), batch, loss_fn, tx.Plan(), mesh)
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def reference(request):
+    """(name, (loss, gradients)) of the model on one device, without a layout."""
+    return request.param, _reference(request.param)
 
 
 def _max_diffs(grads, ref_grads):
@@ -150,6 +162,33 @@ def test_parity_with_one_device(reference):
     # Shown with `pytest -s`: the measured differences.
     for row in report:
         print(name, *row)
+
+
+# FSDP shards the parameters over `data` (gathered per use) while CP splits the
+# sequence over `context`; with TP too, each of the three axes has size 2.
+FSDP_CASES = [
+    ("fsdp_cp", {"data": 2, "context": 4}, "ring"),
+    ("fsdp_tp_cp", {"data": 2, "model": 2, "context": 2}, "all_gather"),
+]
+
+
+@pytest.mark.parametrize("plan_name, axes, attention", FSDP_CASES)
+def test_fsdp_cp_parity_with_one_device(plan_name, axes, attention):
+    ref_loss, ref_grads = _reference("gpt")
+    config, make, loss_fn = MODELS["gpt"]
+    plan = _plan(plan_name, attention=attention)
+    mesh = tx.make_mesh(jax.devices()[: int(np.prod(list(axes.values())))], **axes)
+    model = make(_with_layout(config, plan, mesh))
+    specs = jax.tree.leaves(
+        plan.partition_specs(model, mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
+    # FSDP really shards: the embeddings and every stacked block weight on `data`.
+    assert sum("data" in tuple(spec) for spec in specs) >= 6, specs
+    loss, grads = _loss_and_grads(model, _batch(config, ROWS), loss_fn, plan, mesh)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    worst_abs, worst_rel = _max_diffs(grads, ref_grads)
+    print(plan_name, axes, attention, loss - ref_loss, worst_abs, worst_rel)
 
 
 def test_causal_mask_under_context_parallelism():

@@ -23,6 +23,7 @@ from ._presets import PRESETS as PRESETS
 from ._presets import Preset as Preset
 from ._schema import CheckpointConfig as CheckpointConfig
 from ._schema import Config as Config
+from ._schema import CPConfig as CPConfig
 from ._schema import DataConfig as DataConfig
 from ._schema import DPConfig as DPConfig
 from ._schema import FSDPConfig as FSDPConfig

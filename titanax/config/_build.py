@@ -7,6 +7,8 @@ the config key.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +20,9 @@ from .. import loggers as tlog
 from .. import optim
 from .._errors import ConfigError, TitanaxError
 from .._mesh import make_mesh
-from .._plan import DP, FSDP, PP, TP, Plan
+from .._plan import CP, DP, FSDP, PP, TP, Plan
 from ..data import Pipeline
+from ..parallel import Activations
 from ..train import Precision, Trainer
 from ._data import make_data
 from ._imports import resolve
@@ -39,7 +42,26 @@ def _as_config_error(error: TitanaxError, where: str) -> ConfigError:
 
 
 def make_plan(config: PlanConfig) -> Plan:
-    """`tx.Plan` from the `plan:` section."""
+    """`tx.Plan` from the `plan:` section.
+
+    **Arguments:**
+
+    - `config`: the `plan:` section.
+
+    **Returns:** the `tx.Plan`.
+
+    **Raises:** `ConfigError` naming the key: `plan.cp` with `plan.pp` (context
+    parallelism does not compose with pipelining yet), or a section `tx.Plan`
+    refuses.
+    """
+    if config.cp is not None and config.pp is not None:
+        raise ConfigError(
+            "Expected at most one of `plan.cp` and `plan.pp`, got both: context "
+            "parallelism does not compose with pipelining yet.",
+            path="plan.cp",
+            suggestion="Drop `plan.pp` (CP composes with `plan.dp`, `plan.fsdp` and "
+            "`plan.tp`), or set `plan.cp: null`.",
+        )
     parts: dict[str, Any] = {}
     try:
         if config.dp is not None:
@@ -47,9 +69,15 @@ def make_plan(config: PlanConfig) -> Plan:
         if config.fsdp is not None:
             parts["fsdp"] = FSDP(config.fsdp.axis, config.fsdp.min_size)
         if config.tp is not None:
-            parts["tp"] = TP(config.tp.axis, config.tp.rules)
+            parts["tp"] = TP(
+                config.tp.axis,
+                config.tp.rules,
+                sequence_parallel=config.tp.sequence_parallel,
+            )
         if config.pp is not None:
             parts["pp"] = PP(config.pp.axis, config.pp.microbatches, config.pp.schedule)
+        if config.cp is not None:
+            parts["cp"] = CP(config.cp.axis, config.cp.attention)
         rules = [(regex, tuple(axes)) for regex, axes in config.rules]
         return Plan(**parts, rules=rules)
     except TitanaxError as e:
@@ -78,8 +106,90 @@ def make_mesh_for(shape: dict[str, int], plan: Plan) -> Mesh:
     return mesh
 
 
-def _model_parts(config: Config) -> tuple[Callable[..., Any], Callable, Any]:
-    """`(key -> model, loss, stage or None)` from the `model:` section."""
+def _splits_sequence(plan: Plan) -> bool:
+    """Whether the plan splits activations along `seq` (CP, or TP with sequence
+    parallelism): the model must then compute through the plan's layout."""
+    return plan.cp is not None or (plan.tp is not None and plan.tp.sequence_parallel)
+
+
+def _sequence_split(plan: Plan) -> str:
+    """What splits the sequence, as config keys, for messages."""
+    parts = []
+    if plan.cp is not None:
+        parts.append(f"`plan.cp` (over `{plan.cp.axis}`)")
+    if plan.tp is not None and plan.tp.sequence_parallel:
+        parts.append(f"`plan.tp.sequence_parallel` (over `{plan.tp.axis}`)")
+    return " and ".join(parts)
+
+
+def _takes_layout(factory: Callable[..., Any]) -> bool:
+    """Whether `factory` accepts a `layout=` keyword (by name or `**kwargs`)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return True
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == "layout" and p.kind in named)
+        for p in params
+    )
+
+
+def _layout_kwargs(
+    config: Config, factory: Callable[..., Any], plan: Plan, mesh: Mesh
+) -> dict[str, Any]:
+    """`{"layout": tx.Activations(plan, mesh)}` for a plan that splits the
+    sequence (after checking that the factory takes it), else `{}`."""
+    if not _splits_sequence(plan):
+        return {}
+    model = config.model
+    split = _sequence_split(plan)
+    if "layout" in model.kwargs:
+        raise ConfigError(
+            f"Expected no `layout` in `model.kwargs` under {split}: the layout is "
+            f"built from the plan and mesh, got {model.kwargs['layout']!r}.",
+            path="model.kwargs.layout",
+            suggestion="Remove `layout` from `model.kwargs`; `build_run` passes "
+            "`layout=tx.Activations(plan, mesh)` to the model factory.",
+        )
+    dropout = model.kwargs.get("dropout")
+    if plan.cp is not None and isinstance(dropout, int | float) and dropout > 0:
+        raise ConfigError(
+            f"Expected `model.kwargs.dropout` to be 0 under `plan.cp`, got {dropout}: "
+            "ring attention has no attention-probability dropout.",
+            path="model.kwargs.dropout",
+            suggestion="Set `model.kwargs.dropout: 0`, or drop `plan.cp`.",
+        )
+    if not _takes_layout(factory):
+        if model.preset is not None:
+            raise ConfigError(
+                f"Expected a model that computes through the plan's activation "
+                f"layout under {split}, got the preset `{model.preset}`, whose "
+                "factory takes no `layout`.",
+                path="model.preset",
+                suggestion="Use the `gpt` or `llama` preset, or drop "
+                "`plan.cp` / `plan.tp.sequence_parallel`.",
+            )
+        name = getattr(factory, "__name__", type(factory).__name__)
+        raise ConfigError(
+            f"Expected the factory at `model.factory` to take a `layout` keyword "
+            f"under {split} (the plan's `tx.Activations`, through which the model "
+            f"splits its activations), got `{name}{inspect.signature(factory)}`.",
+            path="model.factory",
+            suggestion="Add `layout=None` to the factory and hand it to the model "
+            "(e.g. `GPTConfig(..., layout=layout)`: the model calls "
+            "`layout.constrain` and `layout.attention` as `models/gpt.py` does), or "
+            "drop `plan.cp` / `plan.tp.sequence_parallel`.",
+        )
+    return {"layout": Activations(plan, mesh)}
+
+
+def _model_parts(
+    config: Config, plan: Plan, mesh: Mesh
+) -> tuple[Callable[..., Any], Callable, Any]:
+    """`(key -> model, loss, stage or None)` from the `model:` section; under a plan
+    that splits the sequence the model is given the plan's activation layout."""
     model = config.model
     if model.preset is not None:
         if model.preset not in PRESETS:
@@ -120,12 +230,43 @@ def _model_parts(config: Config) -> tuple[Callable[..., Any], Callable, Any]:
                 suggestion="Set `model.stage: pkg.mod:make_stage`.",
             )
         stage = resolve(stage_path, "model.stage")()
-    kwargs = dict(model.kwargs)
+    kwargs = dict(model.kwargs) | _layout_kwargs(config, factory, plan, mesh)
 
     def make_model(key: Any) -> Any:
         return factory(key=key, **kwargs)
 
     return make_model, loss, stage
+
+
+def _check_context_length(
+    plan: Plan, mesh: Mesh, length: int | None, seq_len: int | None
+) -> None:
+    """Under CP the model computes in zigzag order (`2N` chunks of the context);
+    with sequence parallelism TP's axis splits it too."""
+    if length is None or not _splits_sequence(plan):
+        return
+    multiple, why = 1, []
+    if plan.cp is not None:
+        n = int(mesh.shape[plan.cp.axis])
+        multiple = 2 * n
+        why.append(
+            f"2 x `{plan.cp.axis}`={n}: the zigzag split cuts it into {2 * n} chunks"
+        )
+    if plan.tp is not None and plan.tp.sequence_parallel:
+        t = int(mesh.shape[plan.tp.axis])
+        cp = int(mesh.shape[plan.cp.axis]) if plan.cp is not None else 1
+        multiple = math.lcm(multiple, cp * t)
+        why.append(f"sequence parallelism splits it over `{plan.tp.axis}`={t}")
+    if length % multiple == 0:
+        return
+    where = "data.seq_len" if seq_len is not None else "model.kwargs.block_size"
+    below = max(multiple, length // multiple * multiple)
+    raise ConfigError(
+        f"Expected the context length (`{where}`) to be a multiple of {multiple} "
+        f"({'; '.join(why)}), got {length}.",
+        path=where,
+        suggestion=f"Set `{where}: {below}` (or another multiple of {multiple}).",
+    )
 
 
 def _abstract_model(make_model: Callable[..., Any]) -> Any:
@@ -255,11 +396,15 @@ def build_run(
 
     **Raises:** `ConfigError` naming the key: a plan that does not fit the mesh or
     the model, a batch the data axes do not divide, an import path that does not
-    resolve, model kwargs the model does not take, a missing data file.
+    resolve, model kwargs the model does not take, a missing data file. Under
+    `plan.cp` or `plan.tp.sequence_parallel` (the model is then built with
+    `layout=tx.Activations(plan, mesh)`): a factory without a `layout` keyword, a
+    `model.kwargs.layout`, dropout with CP, `plan.cp` with `plan.pp`, and a context
+    length the split does not divide (`2 N` chunks under CP of size `N`).
     """
     plan = make_plan(config.plan)
     mesh = make_mesh_for(dict(config.mesh), plan)
-    make_model, loss, stage = _model_parts(config)
+    make_model, loss, stage = _model_parts(config, plan, mesh)
     abstract = _abstract_model(make_model)
     try:
         plan.validate(mesh, abstract)
@@ -288,6 +433,8 @@ def build_run(
             suggestion=f"Use `data.seq_len: {block}` (or leave it unset), or a "
             f"larger `model.kwargs.block_size`.",
         )
+    length = seq_len if seq_len is not None else block
+    _check_context_length(plan, mesh, length, seq_len)
     data = make_data(config.data, block)
     # Windows of tokens know their length; other sources have no tokens.
     tokens = getattr(data.source, "window", None)

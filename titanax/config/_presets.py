@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["PRESETS", "Preset", "cnn", "gpt", "mlp"]
+__all__ = ["PRESETS", "Preset", "cnn", "gpt", "llama", "mlp"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +33,36 @@ def gpt(*, key: Any, size: str = "baby", **fields: Any) -> Any:
 
     - `key`: the PRNG key.
     - `size`: `tiny`, `baby` or `small` (GPT-2 124M).
-    - `**fields`: `GPTConfig` fields to replace (`block_size`, `dropout`, ...).
+    - `**fields`: `GPTConfig` fields to replace (`block_size`, `dropout`, ...,
+        and `layout`, which `build_run` passes under context or sequence
+        parallelism).
 
     **Returns:** a `GPT`.
     """
     from models.gpt import GPT, GPTConfig
 
     return GPT(GPTConfig.preset(size, **fields), key=key)
+
+
+def llama(*, key: Any, size: str = "tiny", **fields: Any) -> Any:
+    """`models.llama.Llama(LlamaConfig.preset(size, **fields))`.
+
+    Under TP, map `kv_heads` too: `plan.tp.rules: {heads: model, kv_heads: model,
+    mlp: model, vocab: model}` (`models/llama_plans.py`).
+
+    **Arguments:**
+
+    - `key`: the PRNG key.
+    - `size`: `tiny`, `baby` or `llama3-8b` (its shapes, for planning).
+    - `**fields`: `LlamaConfig` fields to replace (`block_size`, `n_layer`, ...,
+        and `layout`, which `build_run` passes under context or sequence
+        parallelism).
+
+    **Returns:** a `Llama`.
+    """
+    from models.llama import Llama, LlamaConfig
+
+    return Llama(LlamaConfig.preset(size, **fields), key=key)
 
 
 def mlp(
@@ -68,6 +91,9 @@ PRESETS: dict[str, Preset] = {
         factory="titanax.config._presets:gpt",
         loss="models.gpt:gpt_loss",
         stage="models.gpt_plans:stage",
+    ),
+    "llama": Preset(
+        factory="titanax.config._presets:llama", loss="models.llama:llama_loss"
     ),
     "mlp": Preset(
         factory="titanax.config._presets:mlp", loss="models.mlp:cross_entropy_loss"

@@ -18,11 +18,14 @@ class ModelConfig:
 
     **Fields:**
 
-    - `preset`: `"gpt"`, `"mlp"` or `"cnn"` (see `titanax.config.PRESETS`); its
-        `kwargs` are the model's own (`size: tiny` picks `GPTConfig.preset("tiny")`
-        and the other keys replace its fields).
+    - `preset`: `"gpt"`, `"llama"`, `"mlp"` or `"cnn"` (see
+        `titanax.config.PRESETS`); its `kwargs` are the model's own (`size: tiny`
+        picks `GPTConfig.preset("tiny")` and the other keys replace its fields).
     - `factory`: instead of a preset, an import path `pkg.mod:fn` (or
-        `path/to/file.py:fn`) of `fn(*, key, **kwargs) -> eqx.Module`.
+        `path/to/file.py:fn`) of `fn(*, key, **kwargs) -> eqx.Module`. Under
+        `plan.cp` or `plan.tp.sequence_parallel` it must also take `layout` (the
+        plan's `tx.Activations`, passed in by `build_run`), as the `gpt` and
+        `llama` presets do.
     - `kwargs`: keyword arguments for the preset or factory.
     - `loss`: import path of `loss(model, batch, key)`; a preset has its own.
     - `stage`: import path of `() -> tx.Stage`, needed with `plan.pp`; the GPT preset
@@ -54,10 +57,13 @@ class FSDPConfig:
 
 @dataclasses.dataclass
 class TPConfig:
-    """`tx.TP`: logical axes → `axis` (`rules`; default `mlp`, `heads`, `vocab`)."""
+    """`tx.TP`: logical axes → `axis` (`rules`; default `mlp`, `heads`, `vocab`);
+    `sequence_parallel: true` also splits the sequence over `axis` outside attention
+    and the MLP (Megatron SP; the model is then given the plan's activation layout)."""
 
     axis: str = "model"
     rules: dict[str, str | None] | None = None
+    sequence_parallel: bool = False
 
 
 @dataclasses.dataclass
@@ -70,6 +76,17 @@ class PPConfig:
 
 
 @dataclasses.dataclass
+class CPConfig:
+    """`tx.CP`: the sequence split over `axis`, in zigzag order (the context length
+    a multiple of twice its size); `attention` is `ring` (keys and values passed
+    around the ring) or `all_gather` (gathered at once, for short rings). The model
+    is given the plan's activation layout; no dropout, no `plan.pp`."""
+
+    axis: str = "context"
+    attention: Literal["ring", "all_gather"] = "ring"
+
+
+@dataclasses.dataclass
 class PlanConfig:
     """`tx.Plan`: a section per parallelism (absent or `null`: not used), and path
     `rules` as `[regex, [logical axis, ...]]` pairs."""
@@ -78,6 +95,7 @@ class PlanConfig:
     fsdp: FSDPConfig | None = None
     tp: TPConfig | None = None
     pp: PPConfig | None = None
+    cp: CPConfig | None = None
     rules: list[tuple[str, list[str | None]]] = dataclasses.field(default_factory=list)
 
 

@@ -1,17 +1,27 @@
-"""`tx.explain`: one row per parameter, bytes per device, the printed table, and the
-collectives of a compiled step read from its HLO."""
+"""`tx.explain`: one row per parameter, bytes per device, the printed table, the
+collectives of a compiled step read from its HLO, and its activations + scratch
+bytes per device from XLA's memory analysis (CP=4 against one device)."""
+
+import dataclasses
+import re
+from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
+from test_gpt_parallel import _batch, _random_gpt
 
 import titanax as tx
+from models.gpt import GPTConfig, gpt_loss
 from titanax._explain import bytes_per_device
+from titanax._jobs import explain_config
+from titanax.config import load_config
 
 
 class MLP(eqx.Module):
@@ -325,3 +335,160 @@ def test_init_stateful_foreign_model_equals_unsharded():
     assert len(got) == len(want) == 7  # Linear 2, BatchNorm 2 + 3 state arrays
     for x, y in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------ step memory
+# The compiled step's activations + scratch: XLA's temporary buffers, as
+# `compiled.memory_analysis().temp_size_in_bytes` reports them per device.
+
+ACTIVATIONS = "activations + scratch (compiled temp) per device: "
+
+
+def _mse(model, batch, key=None):
+    del key
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2), {}
+
+
+def _kib(n):
+    """`n` bytes as the report writes a size between 1 KiB and 1 MiB."""
+    assert 1024 <= n < 1024**2, n
+    return f"{n / 1024:.2f} KiB"
+
+
+def test_trainer_explain_reports_the_compiled_temp_bytes():
+    mesh = tx.make_mesh(data=2, model=4)
+    plan = tx.Plan(dp=tx.DP(), tp=tx.TP())
+    trainer = tx.Trainer(
+        _mlp(), plan, optimizer=optax.adamw(1e-3), loss=_mse, mesh=mesh
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.standard_normal((32, 64)).astype(np.float32),
+        "y": rng.standard_normal((32, 64)).astype(np.float32),
+    }
+    report = trainer.explain(batch)
+
+    # The same step, compiled again here: XLA's own numbers.
+    state = trainer.init_state()
+    memory = trainer.train_step.lower(state, batch).compile().memory_analysis()
+    assert report.step_memory_unavailable is None
+    activations = report.activation_bytes_per_device
+    assert activations == memory.temp_size_in_bytes
+    assert report.step_memory is not None
+    assert report.step_memory.argument == memory.argument_size_in_bytes
+    assert report.step_memory.output == memory.output_size_in_bytes
+    # Each device keeps its (16 rows, 32 of 128 hidden units) fp32 activation.
+    assert activations is not None and activations >= 16 * 32 * 4
+    assert ACTIVATIONS + _kib(memory.temp_size_in_bytes) in str(report).splitlines()
+    # The collectives still come from the same compiled step.
+    assert report.collectives
+
+
+class _NoMemoryAnalysis:
+    """A compiled step whose backend has no memory analysis."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def memory_analysis(self):
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+    def as_text(self):
+        return ""
+
+
+@pytest.mark.parametrize(
+    "result, reason",
+    [
+        (None, "`memory_analysis()` returned None on the cpu backend"),
+        (
+            NotImplementedError("not supported by this plugin\nmore"),
+            "`memory_analysis()` raised NotImplementedError: not supported by this "
+            "plugin on the cpu backend",
+        ),
+    ],
+    ids=["none", "raises"],
+)
+def test_no_memory_analysis_says_unavailable(result, reason):
+    mesh = tx.make_mesh(data=8)
+    compiled = _NoMemoryAnalysis(result)
+    report = tx.explain(_mlp(), tx.Plan(dp=tx.DP()), mesh, compiled=compiled)
+    assert report.step_memory is None
+    assert report.activation_bytes_per_device is None
+    assert report.step_memory_unavailable == reason
+    line = next(x for x in str(report).splitlines() if x.startswith(ACTIVATIONS))
+    assert line == f"{ACTIVATIONS}unavailable ({reason})"
+
+
+def test_no_compiled_step_no_memory_line():
+    report = tx.explain(_mlp(), tx.Plan(dp=tx.DP()), tx.make_mesh(data=8))
+    assert report.step_memory is None and report.step_memory_unavailable is None
+    assert "activations" not in str(report)
+
+
+# T = 256, one row, eight heads: at CP=1 the (heads, T, T) attention scores dominate
+# the step's temporaries; ring attention at CP=4 keeps one (2T/4, T/4) block per
+# head. FAST: XLA's LLVM level changes the generated code, not the buffers.
+CP_T = 256
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def _gpt_step_report(cp):
+    config = GPTConfig.preset(
+        "tiny",
+        n_layer=2,
+        n_head=8,
+        n_embd=64,
+        vocab_size=64,
+        block_size=CP_T,
+        unroll=False,
+    )
+    if cp == 1:
+        plan, mesh = tx.Plan(), tx.make_mesh(jax.devices()[:1], data=1)
+    else:
+        plan = tx.Plan(cp=tx.CP("context"))
+        mesh = tx.make_mesh(jax.devices()[:cp], context=cp)
+        config = dataclasses.replace(config, layout=tx.Activations(plan, mesh))
+    step = tx.make_train_step(gpt_loss, optax.adamw(1e-3), plan, mesh)
+    state = step.init(_random_gpt(config), 0)
+    compiled = step.lower(state, _batch(config, 1)).compile(FAST)
+    report = tx.explain(state.model, plan, mesh, compiled=compiled)
+    assert report.activation_bytes_per_device == (
+        compiled.memory_analysis().temp_size_in_bytes
+    )
+    return report
+
+
+def test_cp4_activation_bytes_at_most_0_3_of_one_device():
+    one, four = _gpt_step_report(1), _gpt_step_report(4)
+    a1, a4 = one.activation_bytes_per_device, four.activation_bytes_per_device
+    assert a1 is not None and a4 is not None
+    print(f"activations + scratch per device: CP=1 {a1}, CP=4 {a4}, {a4 / a1:.3f}x")
+    assert a4 <= 0.3 * a1, (a4, a1)
+    # Parameters are replicated over `context`: CP divides activations, not params.
+    assert four.param_bytes_per_device == one.param_bytes_per_device
+
+
+MNIST_DP = str(Path(__file__).resolve().parents[1] / "examples/configs/mnist_dp.yaml")
+
+
+def test_titanax_explain_prints_activations(monkeypatch):
+    """`titanax explain` (the CLI's `explain_config`) prints the activations line
+    from the step it compiles; without a memory analysis it says so, and does not
+    claim the step fits."""
+    config = load_config(MNIST_DP)
+    text, report = explain_config(config, device_memory=10**9)
+    temp = report["memory"]["temporaries"]
+    assert temp > 0
+    assert ACTIVATIONS + _kib(temp) in text.splitlines()
+    assert re.search(rf"^  temporaries: +{re.escape(_kib(temp))}$", text, re.M)
+
+    monkeypatch.setattr(jax.stages.Compiled, "memory_analysis", lambda self: None)
+    text, report = explain_config(config, device_memory=10**9)
+    reason = "`memory_analysis()` returned None on the cpu backend"
+    assert f"{ACTIVATIONS}unavailable ({reason})" in text.splitlines()
+    assert f"  memory unavailable ({reason})" in text.splitlines()
+    assert report["memory"] is None and report["fits"] is None
+    assert "Device memory: unknown whether the step fits" in text

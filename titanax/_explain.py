@@ -1,4 +1,5 @@
-"""`tx.explain`: a plan, made visible — one row per parameter, bytes per device."""
+"""`tx.explain`: a plan, made visible — one row per parameter, bytes per device, and
+(given a compiled step) its collectives and XLA's memory analysis."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._axes import is_arraylike, logical_axes, path_str
+from ._compat import CompiledMemory, compiled_memory
 from ._hlo import Collective, collectives
 from ._plan import Plan
 from ._sharding import shardings
@@ -47,6 +49,18 @@ class Explanation:
     - `extra_bytes_per_device`: further per-device byte counts by name
         (`"grads"`, `"optimizer state"`, ...), when known.
     - `collectives`: the collectives of a compiled step, when given.
+    - `step_memory`: XLA's memory analysis of a compiled step, when given
+        (`compiled.memory_analysis()`: what XLA's buffer assignment allocated), in
+        bytes per device: `temp` (the step's temporary buffers: the activations the
+        forward pass keeps for the backward pass, and every intermediate and
+        scratch buffer; printed as "activations + scratch (compiled temp)"),
+        `argument` and `output` (the step's inputs and results: state and batch,
+        new state and metrics), `alias` (outputs written over donated arguments),
+        `generated_code`, and XLA's `peak` estimate. `None` when no compiled step
+        was given, or when its backend has no memory analysis.
+    - `step_memory_unavailable`: why a compiled step was given but `step_memory` is
+        `None` (the backend's `memory_analysis()` returned `None` or raised);
+        otherwise `None`. The report then says "unavailable", never 0.
     """
 
     plan: Plan
@@ -56,6 +70,16 @@ class Explanation:
     param_bytes_total: int
     extra_bytes_per_device: dict[str, int] = dataclasses.field(default_factory=dict)
     collectives: tuple[Collective, ...] = ()
+    step_memory: CompiledMemory | None = None
+    step_memory_unavailable: str | None = None
+
+    @property
+    def activation_bytes_per_device(self) -> int | None:
+        """The compiled step's activations and scratch per device: XLA's temporary
+        buffers (`memory_analysis().temp_size_in_bytes`), where the activations kept
+        for the backward pass live beside every intermediate. `None` when unknown
+        (no compiled step, or no memory analysis on its backend)."""
+        return None if self.step_memory is None else self.step_memory.temp
 
     def collective_summary(self) -> dict[tuple[str, tuple[str, ...], bool], list[int]]:
         """`(kind, axes, in_loop) -> [count, bytes]` over `collectives`."""
@@ -94,6 +118,14 @@ class Explanation:
         )
         for name, value in self.extra_bytes_per_device.items():
             lines.append(f"{name} per device: {format_bytes(value)}")
+        memory = self.step_memory
+        if memory is not None:
+            lines.append(f"{ACTIVATIONS} per device: {format_bytes(memory.temp)}")
+        elif self.step_memory_unavailable is not None:
+            lines.append(
+                f"{ACTIVATIONS} per device: unavailable "
+                f"({self.step_memory_unavailable})"
+            )
         if self.collectives:
             lines.append("")
             lines.append("collectives per step (kind, mesh axes, count, bytes/device):")
@@ -107,6 +139,30 @@ class Explanation:
                     f"{where}"
                 )
         return "\n".join(lines)
+
+
+# The report's name for `temp_size_in_bytes`: what it holds, and where it comes from.
+ACTIVATIONS = "activations + scratch (compiled temp)"
+
+
+def read_step_memory(
+    compiled: Any, mesh: Mesh
+) -> tuple[CompiledMemory | None, str | None]:
+    """XLA's memory analysis of `compiled` (a `jax.stages.Compiled`), or `None` and
+    why there is none: some backends (PjRt plugins) return `None` or raise."""
+    platform = mesh.devices.flat[0].platform
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as error:  # each backend raises its own type: name it, go on
+        first_line = str(error).strip().splitlines()[:1]
+        said = f": {first_line[0][:120]}" if first_line else ""
+        return None, (
+            f"`memory_analysis()` raised {type(error).__name__}{said} "
+            f"on the {platform} backend"
+        )
+    if stats is None:
+        return None, f"`memory_analysis()` returned None on the {platform} backend"
+    return compiled_memory(compiled), None
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -134,6 +190,7 @@ def explain(
     *,
     hlo_text: str | None = None,
     extra_bytes_per_device: dict[str, int] | None = None,
+    compiled: Any = None,
 ) -> Explanation:
     """Report how `plan` places `model` on `mesh`.
 
@@ -142,10 +199,24 @@ def explain(
     - `model`: an `eqx.Module` or its `eqx.filter_eval_shape` output.
     - `plan`, `mesh`: the layout.
     - `hlo_text`: optionally, a compiled step's HLO (`compiled.as_text()`), whose
-        collectives are listed per kind and mesh axis. `tx.Trainer.explain` fills it in.
+        collectives are listed per kind and mesh axis.
     - `extra_bytes_per_device`: optional further rows (gradients, optimizer state).
+    - `compiled`: optionally, the compiled step (a `jax.stages.Compiled`, e.g.
+        `step.lower(state, batch).compile()`). Its memory analysis gives
+        `Explanation.step_memory` (printed: its temporary buffers, as "activations
+        + scratch (compiled temp)"); its HLO gives the collectives unless
+        `hlo_text` is passed. `tx.Trainer.explain` fills it
+        in. Only read: nothing runs.
 
     **Returns:** an `Explanation`; `print(tx.explain(...))` shows the table.
+
+    !!! Example
+
+        ```python
+        compiled = step.lower(state, batch).compile()
+        report = tx.explain(state.model, plan, mesh, compiled=compiled)
+        report.activation_bytes_per_device  # memory_analysis().temp_size_in_bytes
+        ```
     """
     shards = shardings(model, plan, mesh)
     logical = logical_axes(model, plan.rules)
@@ -173,6 +244,11 @@ def explain(
                 bytes_per_device=math.prod(shard_shape) * itemsize,
             )
         )
+    memory, unavailable = None, None
+    if compiled is not None:
+        memory, unavailable = read_step_memory(compiled, mesh)
+        if hlo_text is None:
+            hlo_text = compiled.as_text()
     return Explanation(
         plan=plan,
         mesh=mesh,
@@ -183,4 +259,6 @@ def explain(
         ),
         extra_bytes_per_device=dict(extra_bytes_per_device or {}),
         collectives=tuple(collectives(hlo_text, mesh)) if hlo_text else (),
+        step_memory=memory,
+        step_memory_unavailable=unavailable,
     )

@@ -111,11 +111,13 @@ def explain_config(
     - `config`: a loaded `Config`.
     - `device_memory`: bytes per device to check the step against.
 
-    **Returns:** `(text, report)`: the printable report (plan table, memory, FLOPs,
-    collectives, fits or not) and its numbers as a dict (`memory` from
-    `step_memory`, `flops_per_device`, `flops_per_step`, `devices`, `mesh`, `fits`,
-    `compile_s`, `state_bytes_per_device`, `batch_bytes_per_device`,
-    `output_arrays`, and `state`: `"abstract"`, nothing placed).
+    **Returns:** `(text, report)`: the printable report (plan table with the
+    activations + scratch per device, memory, FLOPs, collectives, fits or not) and
+    its numbers as a dict (`memory` from `step_memory`, `None` where the backend has
+    no memory analysis; `flops_per_device`, `flops_per_step`, `devices`, `mesh`,
+    `fits`, `None` without `device_memory` or a memory analysis; `compile_s`,
+    `state_bytes_per_device`, `batch_bytes_per_device`, `output_arrays`, and
+    `state`: `"abstract"`, nothing placed).
 
     !!! Example
 
@@ -141,7 +143,15 @@ def explain_config(
     arguments = (program.flatten(state), batch_shapes)
     compiled = program.lower(*arguments).compile()
     compile_s = time.perf_counter() - started
-    memory = step_memory(compiled)
+    table = explain(
+        state.model,
+        run.plan,
+        run.mesh,
+        compiled=compiled,
+        extra_bytes_per_device={"optimizer state": bytes_per_device(state.opt_state)},
+    )
+    # None where the backend has no memory analysis: the text says so, never 0.
+    memory = None if table.step_memory is None else step_memory(compiled)
     devices = run.mesh.size
     total = step_flops(compiled, program.run, arguments, devices)
     flops = None if total is None else total / devices
@@ -155,24 +165,24 @@ def explain_config(
         "compile_s": compile_s,
         "state_bytes_per_device": bytes_per_device(program.flatten(state)),
         "batch_bytes_per_device": bytes_per_device(batch_shapes),
-        "fits": None if device_memory is None else memory["peak"] <= device_memory,
+        "fits": (
+            None
+            if device_memory is None or memory is None
+            else memory["peak"] <= device_memory
+        ),
         "output_arrays": len(jax.tree.leaves(compiled.output_shardings)),
     }
-    table = explain(
-        state.model,
-        run.plan,
-        run.mesh,
-        hlo_text=compiled.as_text(),
-        extra_bytes_per_device={"optimizer state": bytes_per_device(state.opt_state)},
-    )
     compiled_for = "abstract state: nothing placed"
     lines = [
         str(table),
         "",
         f"Compiled step ({compile_s:.2f} s, {compiled_for}), per device:",
     ]
-    for name in ("arguments", "outputs", "aliased", "temporaries", "code", "peak"):
-        lines.append(f"  {name + ':':<13}{format_bytes(memory[name]):>14}")
+    if memory is None:
+        lines.append(f"  memory unavailable ({table.step_memory_unavailable})")
+    else:
+        for name in ("arguments", "outputs", "aliased", "temporaries", "code", "peak"):
+            lines.append(f"  {name + ':':<13}{format_bytes(memory[name]):>14}")
     if flops is not None:
         lines.append(
             f"FLOPs per step: {flops:.4g} per device, {flops * devices:.4g} over "
@@ -181,7 +191,12 @@ def explain_config(
         if run.tokens_per_sample:
             tokens = config.data.batch_size * run.tokens_per_sample
             lines.append(f"FLOPs per token: {flops * devices / tokens:.4g}")
-    if device_memory is not None:
+    if device_memory is not None and memory is None:
+        lines.append(
+            f"Device memory: unknown whether the step fits in "
+            f"{format_bytes(device_memory)} per device (no memory analysis)."
+        )
+    elif device_memory is not None and memory is not None:
         verdict = "fits" if report["fits"] else "does NOT fit"
         share = 100 * memory["peak"] / device_memory
         lines.append(

@@ -533,16 +533,19 @@ class Trainer:
 
     def explain(self, batch: Any) -> Explanation:
         """`tx.explain` for this run: parameter rows, per-device bytes of parameters,
-        gradients and optimizer state, and the collectives of the compiled step."""
+        gradients and optimizer state, and from the compiled step its collectives and
+        XLA's memory analysis (`Explanation.step_memory`; printed: activations +
+        scratch per device, its temporary buffers, or "unavailable" on a backend
+        without one)."""
         state = self.init_state()
         program = self.train_step.compile(state, batch)
-        hlo = program.lower(program.flatten(state), program.place(batch))
+        lowered = program.lower(program.flatten(state), program.place(batch))
         spec = jax.tree.unflatten(jax.tree.structure(state.model), list(program.mask))
         return explain(
             state.model,
             self.plan,
             self.mesh,
-            hlo_text=hlo.compile().as_text(),
+            compiled=lowered.compile(),
             extra_bytes_per_device={
                 "grads": bytes_per_device(eqx.filter(state.model, spec)),
                 "optimizer state": bytes_per_device(state.opt_state),

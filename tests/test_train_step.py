@@ -395,3 +395,51 @@ def test_dropout_masks_differ_across_microbatches():
     blocks = mask.reshape(8 * 4, ROWS // 32 * FEATURES)  # (shard, micro) blocks
     assert 0.35 < mask.mean() < 0.65
     assert len({block.tobytes() for block in blocks}) == len(blocks)
+
+
+# --- the Trainer's packed program -----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["dp8", "dp2_fsdp4"])
+def test_packed_program_steps_like_the_plain_one_with_fewer_buffers(layout):
+    ts = build(layout, optimizer=optax.adam(1e-2))
+    batches = [make_batch(32, seed) for seed in range(3)]
+    plain_state, packed_state = ts.init(make_model(), 0), ts.init(make_model(), 0)
+    plain = ts.compile(plain_state, batches[0])
+    packed = ts.compile(packed_state, batches[0], packed=True)
+    plain_arrays, packed_arrays = (
+        plain.flatten(plain_state),
+        packed.flatten(packed_state),
+    )
+    # step, data position, bad steps, first bad step, bad streak and Adam's count:
+    # six int32 scalars become one vector (on 8 devices: 40 fewer buffers each way).
+    assert len(packed_arrays) == len(plain_arrays) - 5
+    counters = packed_arrays[-1]
+    assert counters.shape == (6,) and counters.dtype == jnp.int32
+    assert counters.sharding.is_fully_replicated
+    assert packed.unflatten(packed_arrays).first_bad_step == -1
+    for batch in batches:
+        plain_arrays, plain_metrics = plain.run(plain_arrays, plain.leaves(batch))
+        packed_arrays, vector = packed.run(packed_arrays, packed.leaves(batch))
+        # The metrics: one float32 vector, named by the program.
+        assert vector.shape == (len(plain_metrics),) and vector.dtype == jnp.float32
+        host_metrics = packed.host_metrics(vector)
+        assert host_metrics == {k: float(v) for k, v in plain_metrics.items()}
+        assert packed.metrics(vector).keys() == plain_metrics.keys()
+    want, got = plain.unflatten(plain_arrays), packed.unflatten(packed_arrays)
+    assert int(got.step) == 3 and int(got.data_position) == 3 * 32
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
+    # The counters come back as scalars with the plain program's sharding.
+    assert got.step.shape == () and got.step.sharding.is_equivalent_to(
+        want.step.sharding, 0
+    )
+
+
+def test_unpacked_metrics_before_any_trace_is_a_typed_error():
+    ts = build("dp8")
+    state = ts.init(make_model(), 0)
+    program = ts.compile(state, make_batch(32, 99), packed=True)
+    assert program.run._cache_size() == 0  # a new TrainStep: a new program
+    with pytest.raises(tx.TrainerError, match="never traced"):
+        program.host_metrics(jnp.zeros(3))

@@ -440,7 +440,8 @@ class CompiledStep:
         """The inverse of `flatten`."""
         arrays = list(arrays)
         if self.packed:
-            scalars = _unstack(arrays.pop(), len(self.packed))
+            vector = arrays.pop()
+            scalars = _unstack(vector, len(self.packed), self.state_shardings[-1])
             for j, x in zip(self.packed, scalars, strict=True):
                 arrays.insert(j, x)  # `packed` ascends: each lands at its position
         leaves = list(self.static_leaves)
@@ -481,7 +482,8 @@ class CompiledStep:
         if self.metric_names is None:
             return metrics
         names = self.metric_names.get()
-        return dict(zip(names, _unstack(metrics, len(names)), strict=True))
+        values = _unstack(metrics, len(names), metrics.sharding)
+        return dict(zip(names, values, strict=True))
 
     def host_metrics(self, metrics: Any) -> dict[str, float]:
         """`metrics`, fetched: Python floats (waits for the step)."""
@@ -518,22 +520,18 @@ class MetricNames:
 
 
 def _stack(scalars: list[Any], sharding: NamedSharding) -> Any:
-    """Scalars -> one vector: traced inside the step, an array outside it, or a
+    """Scalars -> one vector (inside the step, the inlined program traces), or a
     `ShapeDtypeStruct` for an abstract state."""
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in scalars):
         return jax.ShapeDtypeStruct((len(scalars),), jnp.int32, sharding=sharding)
-    if any(isinstance(x, jax.core.Tracer) for x in scalars):
-        return jnp.stack(scalars)
     return _stack_program(sharding)(scalars)
 
 
-def _unstack(vector: Any, n: int) -> list[Any]:
+def _unstack(vector: Any, n: int, sharding: NamedSharding) -> list[Any]:
     """The inverse of `_stack`."""
     if isinstance(vector, jax.ShapeDtypeStruct):
-        return [jax.ShapeDtypeStruct((), vector.dtype, sharding=vector.sharding)] * n
-    if isinstance(vector, jax.core.Tracer):
-        return list(vector)
-    return list(_unstack_program(vector.sharding, n)(vector))
+        return [jax.ShapeDtypeStruct((), vector.dtype, sharding=sharding)] * n
+    return list(_unstack_program(sharding, n)(vector))
 
 
 @functools.cache
@@ -712,7 +710,7 @@ def _train_fn(ts: TrainStep, layout: CompiledStep) -> Callable[..., Any]:
 
     def train_step(
         arrays: list[jax.Array], batch_leaves: list[jax.Array]
-    ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    ) -> tuple[list[jax.Array], Any]:
         state = layout.unflatten(arrays)
         batch = layout.batch.treedef.unflatten(batch_leaves)
         key = jax.random.fold_in(state.key, state.step)

@@ -30,7 +30,7 @@ whose scratch buffer glibc returns to the OS faults it back in every step), and 
 compiled step's scratch (temp), argument and output bytes and FLOPs.
 
 Run: `.venv/bin/python benchmarks/overhead.py [--cases tiny,wide,gpt,tiny-dp8]
-[--rounds 21] [--steps 1000] [--wide-steps 10] [--gpt-steps 15] [--dp-steps 30]`
+[--rounds 21] [--steps 1000] [--wide-steps 10] [--gpt-steps 30] [--dp-steps 30]`
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--steps", type=int, default=1000, help="tiny MLP steps")
     parser.add_argument("--wide-steps", type=int, default=10)
-    parser.add_argument("--gpt-steps", type=int, default=15)
+    parser.add_argument("--gpt-steps", type=int, default=30)
     parser.add_argument(
         "--dp-steps",
         type=int,

@@ -10,7 +10,8 @@ axes. The dim of size 3 that stacks q, k and v is numeric, so it is never sharde
 Activations name their logical axes too (`batch`, `seq`, `embed`, ...), for an
 optional activation layout given from outside (`GPTConfig.layout`, e.g.
 `tx.Activations(plan, mesh)`): the model calls it at block boundaries, for attention
-and at its entry and exit, and it splits the sequence (context and sequence
+and at its entry and exit (and, under sequence parallelism, for the projections into
+and out of attention and the MLP), and it splits the sequence (context and sequence
 parallelism) as its plan says. Without one, XLA places activations from the weights.
 
 The layers are one `Block` whose arrays carry a leading `layers` dim (built with
@@ -48,6 +49,9 @@ REMAT_POLICIES: dict[str, Any] = {
 # between blocks, attention's queries/keys/values, and the tokens.
 RESIDUAL_AXES = ("batch", "seq", "embed")
 HEAD_AXES = ("batch", "seq", "heads", "head_dim")
+MLP_AXES = ("batch", "seq", "mlp")
+# The row-parallel attention-out weight's, for the layout's `project_out`.
+ATTN_OUT_AXES = ("heads", "head_dim", "embed")
 TOKEN_AXES = ("batch", "seq")
 _LAYOUT_METHODS = (
     "constrain",
@@ -56,15 +60,21 @@ _LAYOUT_METHODS = (
     "to_compute_order",
     "to_natural_order",
 )
+# And those a layout with `sequence_parallel` true must have too.
+_SP_LAYOUT_METHODS = ("project_in", "project_out")
 
 
 def check_layout(layout: Any, dropout: float = 0.0) -> None:
     """Raise `ValueError` unless `layout` is None or has the activation-layout
-    methods (`_LAYOUT_METHODS`); attention dropout needs the explicit attention,
-    which a context-parallel layout replaces, so it is refused there."""
+    methods (`_LAYOUT_METHODS`, and `_SP_LAYOUT_METHODS` under sequence
+    parallelism); attention dropout needs the explicit attention, which a
+    context-parallel layout replaces, so it is refused there."""
     if layout is None:
         return
-    missing = [m for m in _LAYOUT_METHODS if not callable(getattr(layout, m, None))]
+    methods = _LAYOUT_METHODS
+    if getattr(layout, "sequence_parallel", False):
+        methods += _SP_LAYOUT_METHODS
+    missing = [m for m in methods if not callable(getattr(layout, m, None))]
     if missing:
         raise ValueError(
             "`layout` must be None or an activation layout such as "
@@ -146,7 +156,9 @@ class GPTConfig:
     # mesh)`. The model calls its `constrain` on the residual stream at block
     # boundaries, its `attention`, and `positions`, `to_compute_order` and
     # `to_natural_order` at its entry and exit (all with logical axis names, never
-    # a mesh): that is how context and sequence parallelism reach the model.
+    # a mesh): that is how context and sequence parallelism reach the model. A
+    # layout whose `sequence_parallel` is true also projects into and out of
+    # attention and the MLP (`project_in`, `project_out`).
     layout: Any = None
 
     def __post_init__(self):
@@ -268,6 +280,16 @@ def _constrain(config: Any, x: Array, *, sequence_parallel: bool = True) -> Arra
         return x
     return config.layout.constrain(
         x, RESIDUAL_AXES, sequence_parallel=sequence_parallel
+    )
+
+
+def is_sequence_parallel(config: Any) -> bool:
+    """Whether the config's layout splits the sequence over TP's axis (Megatron
+    sequence parallelism): attention and the MLP then project their input and
+    output through the layout's `project_in` and `project_out`, which gather the
+    sequence and reduce-scatter it back explicitly."""
+    return config.layout is not None and getattr(
+        config.layout, "sequence_parallel", False
     )
 
 
@@ -428,7 +450,13 @@ class Block(eqx.Module):
         # traffic per step in slice and pad copies.
         lead = token_shape(self.config, B, T)
         x = x.reshape(*lead, C)  # (B*T, C)
-        qkv = x @ self.w_qkv.reshape(C, 3 * C)  # (B*T, nh*3*hs), heads major
+        sp = is_sequence_parallel(self.config)
+        if sp:  # x: (B, T, C) split on `seq` over TP's axis; gathered in there
+            (qkv,) = self.config.layout.project_in(
+                x, [self.w_qkv.reshape(C, 3 * C)], w_names=[("embed", "heads")]
+            )  # (B, T, nh*3*hs)
+        else:
+            qkv = x @ self.w_qkv.reshape(C, 3 * C)  # (B*T, nh*3*hs), heads major
         if self.b_qkv is not None:
             qkv = qkv + self.b_qkv.reshape(3 * C)
         qkv = qkv.reshape(B, T, nh, 3, hs)  # (B, T, nh, 3, hs)
@@ -456,7 +484,12 @@ class Block(eqx.Module):
             att = _dropout(att, self.config.dropout, k_att)
             y = jnp.einsum("bhqk,bkhd->bqhd", att, v)  # (B, T, nh, hs)
         y = y.reshape(*lead, nh, hs)  # (B*T, nh, hs)
-        y = jnp.einsum("...hd,hdc->...c", y, self.w_attn_out)  # (B*T, C)
+        if sp:  # reduce-scattered onto the residual stream's sequence shards
+            y = self.config.layout.project_out(
+                y, self.w_attn_out, names=HEAD_AXES, w_names=ATTN_OUT_AXES
+            )  # (B, T, C)
+        else:
+            y = jnp.einsum("...hd,hdc->...c", y, self.w_attn_out)  # (B*T, C)
         if self.b_attn_out is not None:
             y = y + self.b_attn_out
         y = _dropout(y, self.config.dropout, k_resid)
@@ -468,11 +501,22 @@ class Block(eqx.Module):
         """The position-wise MLP, without the LayerNorm or residual."""
         B, T, C = x.shape
         x = x.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
-        h = x @ self.w_mlp_in  # (B*T, 4C)
+        sp = is_sequence_parallel(self.config)
+        if sp:  # as in `attention`: the sequence gathered, then reduce-scattered
+            (h,) = self.config.layout.project_in(
+                x, [self.w_mlp_in], w_names=[("embed", "mlp")]
+            )  # (B, T, 4C)
+        else:
+            h = x @ self.w_mlp_in  # (B*T, 4C)
         if self.b_mlp_in is not None:
             h = h + self.b_mlp_in
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's tanh approximation
-        y = h @ self.w_mlp_out  # (B*T, C)
+        if sp:
+            y = self.config.layout.project_out(
+                h, self.w_mlp_out, names=MLP_AXES, w_names=("mlp", "embed")
+            )  # (B, T, C)
+        else:
+            y = h @ self.w_mlp_out  # (B*T, C)
         if self.b_mlp_out is not None:
             y = y + self.b_mlp_out
         y = _dropout(y, self.config.dropout, key)
@@ -494,14 +538,17 @@ class Block(eqx.Module):
         """
         k_attn, k_mlp = _split(key, 2)
         # With a layout, the residual stream is constrained at each boundary and
-        # the sublayers' inputs as such: under sequence parallelism the norms run
-        # on sequence shards, each sublayer's input is all-gathered and each
-        # row-parallel output reduce-scattered.
+        # the sublayers' inputs as such. Under sequence parallelism the norms run
+        # on sequence shards and the inputs stay split: each sublayer all-gathers
+        # its input and reduce-scatters its row-parallel output itself
+        # (`project_in` / `project_out`), so that no backend turns either into an
+        # all-reduce of the whole activation.
+        sp = is_sequence_parallel(self.config)
         h = _layer_norm(x, self.ln1_scale, self.ln1_bias)
-        h = _constrain(self.config, h, sequence_parallel=False)
+        h = _constrain(self.config, h, sequence_parallel=sp)
         x = _constrain(self.config, x + self.attention(h, key=k_attn))
         h = _layer_norm(x, self.ln2_scale, self.ln2_bias)
-        h = _constrain(self.config, h, sequence_parallel=False)
+        h = _constrain(self.config, h, sequence_parallel=sp)
         return _constrain(self.config, x + self.mlp(h, key=k_mlp))
 
 

@@ -30,12 +30,15 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .gpt import (
+    ATTN_OUT_AXES,
     HEAD_AXES,
+    MLP_AXES,
     REMAT_POLICIES,
     RESIDUAL_AXES,
     TOKEN_AXES,
     attention,
     check_layout,
+    is_sequence_parallel,
     loss_from_logits,
     resolve_unroll,
     run_layers,
@@ -340,10 +343,26 @@ class LlamaBlock(eqx.Module):
                 y = y + b.reshape(n * d)
             return y.reshape(B, T, n, d)  # (B, T, n, d)
 
-        q = _apply_rope(project(self.wq, self.bq, nh), cos, sin)
-        k = _apply_rope(project(self.wk, self.bk, nkv), cos, sin)
-        v = project(self.wv, self.bv, nkv)
         layout = self.config.layout
+        sp = is_sequence_parallel(self.config)
+        if sp:
+            # x: (B, T, C) split on `seq` over TP's axis: the layout gathers it
+            # once for the three projections (and reduce-scatters its gradient).
+            ws, bs = (self.wq, self.wk, self.wv), (self.bq, self.bk, self.bv)
+            ys = layout.project_in(
+                x,
+                [w.reshape(C, -1) for w in ws],  # (C, n*d), heads major
+                w_names=[("embed", "heads")] + [("embed", "kv_heads")] * 2,
+            )  # (B, T, n*d) each
+            q, k, v = (
+                (y if b is None else y + b.reshape(-1)).reshape(B, T, -1, d)
+                for y, b in zip(ys, bs, strict=True)
+            )  # (B, T, n, d)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        else:
+            q = _apply_rope(project(self.wq, self.bq, nh), cos, sin)
+            k = _apply_rope(project(self.wk, self.bk, nkv), cos, sin)
+            v = project(self.wv, self.bv, nkv)
         if layout is not None and layout.context_parallel:
             # The sequence is split: ring attention over the context axis.
             kv_axes = ("batch", "seq", "kv_heads", "head_dim")
@@ -351,7 +370,10 @@ class LlamaBlock(eqx.Module):
         else:
             y = attention(q, k, v, implementation=self.config.attention)
         # y: (B, T, nh, d)
-        y = y.reshape(*lead, nh * d) @ self.wo.reshape(nh * d, C)  # (B*T, C)
+        if sp:  # reduce-scattered onto the residual stream's sequence shards
+            y = layout.project_out(y, self.wo, names=HEAD_AXES, w_names=ATTN_OUT_AXES)
+        else:
+            y = y.reshape(*lead, nh * d) @ self.wo.reshape(nh * d, C)  # (B*T, C)
         if self.bo is not None:
             y = y + self.bo
         return y.reshape(B, T, C)
@@ -360,10 +382,24 @@ class LlamaBlock(eqx.Module):
         """SwiGLU: `down(silu(gate(x)) * up(x))`, without norm or residual."""
         B, T, C = x.shape
         x = x.reshape(*token_shape(self.config, B, T), C)  # (B*T, C)
-        gate, up = x @ self.w_gate, x @ self.w_up  # (B*T, M) each
+        sp = is_sequence_parallel(self.config)
+        if sp:  # as in `attention`: the sequence gathered, then reduce-scattered
+            gate, up = self.config.layout.project_in(
+                x, [self.w_gate, self.w_up], w_names=[("embed", "mlp")] * 2
+            )  # (B, T, M) each
+        else:
+            gate, up = x @ self.w_gate, x @ self.w_up  # (B*T, M) each
         if self.b_gate is not None and self.b_up is not None:
             gate, up = gate + self.b_gate, up + self.b_up
-        y = (jax.nn.silu(gate) * up) @ self.w_down  # (B*T, C)
+        if sp:
+            y = self.config.layout.project_out(
+                jax.nn.silu(gate) * up,
+                self.w_down,
+                names=MLP_AXES,
+                w_names=("mlp", "embed"),
+            )  # (B, T, C)
+        else:
+            y = (jax.nn.silu(gate) * up) @ self.w_down  # (B*T, C)
         if self.b_down is not None:
             y = y + self.b_down
         return y.reshape(B, T, C)
@@ -383,14 +419,12 @@ class LlamaBlock(eqx.Module):
         Hidden states of the same shape and dtype.
         """
         eps, config = self.config.norm_eps, self.config
-        # Block boundaries and sublayer inputs, as in `models.gpt.Block`.
-        h = _constrain(
-            config, _rms_norm(x, self.attn_norm, eps), sequence_parallel=False
-        )
+        # Block boundaries and sublayer inputs, as in `models.gpt.Block`: under
+        # sequence parallelism the inputs stay split, and the sublayers gather.
+        sp = is_sequence_parallel(config)
+        h = _constrain(config, _rms_norm(x, self.attn_norm, eps), sequence_parallel=sp)
         x = _constrain(config, x + self.attention(h, cos, sin))
-        h = _constrain(
-            config, _rms_norm(x, self.mlp_norm, eps), sequence_parallel=False
-        )
+        h = _constrain(config, _rms_norm(x, self.mlp_norm, eps), sequence_parallel=sp)
         return _constrain(config, x + self.mlp(h))
 
 

@@ -1,15 +1,17 @@
 """Context parallelism (CP) and sequence parallelism (SP) for the reference models.
 
 Parity: the loss and every gradient of the GPT and the Llama, causal, in fp32, under
-CP=2/4/8, DP x CP, TP x CP (ring and all-gather attention) and TP=4 with sequence
-parallelism, and of the GPT under FSDP x CP and FSDP x TP x CP, equal one device's to
-<= 1e-5 (max |difference| / max |reference|).
+CP=2/4/8, DP x CP, TP x CP (ring and all-gather attention), TP=4 with sequence
+parallelism and DP x SP x CP (the Llama), and of the GPT under FSDP x CP, FSDP x TP x
+CP and FSDP x SP x CP, equal one device's to <= 1e-5 (max |difference| / max
+|reference|).
 
 Communication, from the compiled, optimized HLO: under CP each layer's
 collective-permutes carry exactly the analytic ring volume (keys and values once
 around the ring forward; once more plus their gradients home backward), and no
-activation collective is as large as the full-sequence activations. Under SP, what
-XLA:CPU emits instead of the TP all-reduces (see `test_sp_collectives`).
+activation collective is as large as the full-sequence activations. Under SP each
+layer's TP all-reduces are reduce-scatter + all-gather pairs of 1/TP the activation,
+forward and backward (`test_sp_collectives`).
 
 Memory: the compiled step's temporary bytes per device at CP=4 are <= 0.3x CP=1's at
 the same global context.
@@ -62,13 +64,17 @@ def _plan(name, *, attention: Any = "ring", llama=False):
     """The plan of one parity case, by name."""
     cp = tx.CP("context", attention=attention)
     rules = _tp_rules(llama)
+    sp = tx.TP("model", rules, sequence_parallel=True)
     return {
         "cp": tx.Plan(cp=cp),
         "dp_cp": tx.Plan(dp=tx.DP("data"), cp=cp),
         "tp_cp": tx.Plan(tp=tx.TP("model", rules), cp=cp),
         "fsdp_cp": tx.Plan(fsdp=tx.FSDP("data"), cp=cp),
         "fsdp_tp_cp": tx.Plan(fsdp=tx.FSDP("data"), tp=tx.TP("model", rules), cp=cp),
-        "sp": tx.Plan(tp=tx.TP("model", rules, sequence_parallel=True)),
+        "sp": tx.Plan(tp=sp),
+        # SP within CP: the sequence split over `context`, then over `model`.
+        "dp_sp_cp": tx.Plan(dp=tx.DP("data"), tp=sp, cp=cp),
+        "fsdp_sp_cp": tx.Plan(fsdp=tx.FSDP("data"), tp=sp, cp=cp),
     }[name]
 
 
@@ -141,6 +147,7 @@ CASES = {
         ("dp_cp", {"data": 2, "context": 4}, "ring"),
         ("tp_cp", {"model": 2, "context": 4}, "all_gather"),
         ("sp", {"model": 4}, None),
+        ("dp_sp_cp", {"data": 2, "model": 2, "context": 2}, "all_gather"),
     ],
 }
 
@@ -165,10 +172,12 @@ def test_parity_with_one_device(reference):
 
 
 # FSDP shards the parameters over `data` (gathered per use) while CP splits the
-# sequence over `context`; with TP too, each of the three axes has size 2.
+# sequence over `context`; with TP too, each of the three axes has size 2 (and with
+# sequence parallelism the sequence is split over `context`, then `model`).
 FSDP_CASES = [
     ("fsdp_cp", {"data": 2, "context": 4}, "ring"),
     ("fsdp_tp_cp", {"data": 2, "model": 2, "context": 2}, "all_gather"),
+    ("fsdp_sp_cp", {"data": 2, "model": 2, "context": 2}, "ring"),
 ]
 
 
@@ -282,30 +291,47 @@ def test_cp_all_gather_traffic():
 
 
 def test_sp_collectives():
-    """TP=4 with sequence parallelism: the forward layer body (without SP it holds
-    Megatron's 2 all-reduces of the full activation, `test_gpt_parallel`).
+    """TP=4 with sequence parallelism: each layer's TP collectives are Megatron-SP's
+    reduce-scatter + all-gather pairs of 1/TP the activation.
 
-    XLA:CPU emits no reduce-scatter: its pass pipeline has no reduce-scatter
-    creator (XLA:GPU's does), so each row-parallel output under SP is an all-reduce
-    of the full (B, T, C) followed by a dynamic-slice to this device's 1/TP of the
-    sequence. The all-gathers at the sublayer inputs are SP's: their operands are
-    1/TP of the activation. What SP saves on the CPU is memory (norms, residuals
-    and dropout on 1/TP of the sequence), not bytes on the wire.
+    Without SP each layer holds 2 all-reduces over `model` of the whole (B, T, C)
+    activation forward and 2 backward (`test_gpt_parallel`). Under SP the layout's
+    `project_in` and `project_out` write the collectives out: forward, the inputs
+    of attention and the MLP are all-gathered (each device contributes its 1/TP of
+    the sequence) and their row-parallel outputs reduce-scattered (each device
+    receives 1/TP); backward, the transposes: the outputs' gradients all-gathered,
+    the inputs' gradients reduce-scattered. Left to XLA:CPU's partitioner (its pass
+    pipeline has no reduce-scatter creator) each reduce-scatter was an all-reduce
+    of the whole activation followed by a dynamic slice.
     """
-    _, sp = _compiled_hlo(_plan("sp"), {"model": 4})
+    n = 4
+    _, ops = _compiled_hlo(_plan("sp"), {"model": n})
     full = _full_activation_bytes()
+    bodies: dict[str, list] = {}
+    for op in ops:
+        if op.in_loop:
+            bodies.setdefault(op.computation, []).append(op)
+    assert all(op.axes == ("model",) for body in bodies.values() for op in body)
 
-    def forward_body(ops):
-        # The forward layer body is the loop body with the fewest collectives.
-        bodies: dict[str, list] = {}
-        for op in ops:
-            if op.in_loop:
-                bodies.setdefault(op.computation, []).append(op)
-        return min(bodies.values(), key=len)
+    def sizes(body):
+        # (kind, bytes of the 1/TP side per device): an all-gather's operand (its
+        # result, the whole activation, over TP), a reduce-scatter's result.
+        return sorted(
+            (op.kind, op.bytes // n if op.kind == "all-gather" else op.bytes)
+            for op in body
+        )
 
-    sp_fwd = sorted((op.kind, op.bytes) for op in forward_body(sp))
-    assert sp_fwd == [("all-gather", full)] * 2 + [("all-reduce", full)] * 2
-    assert not [op for op in sp if op.kind == "reduce-scatter"]
+    # Per layer, forward and backward (the two scan bodies) alike: 2 all-gathers
+    # and 2 reduce-scatters of full / TP, and no all-reduce of an activation. The
+    # backward body's one all-reduce is the gradients of the 6 weights replicated
+    # over `model` (2 norms' scales and biases, 2 output biases: C floats each),
+    # summed over the sequence shards.
+    pairs = [("all-gather", full // n)] * 2 + [("reduce-scatter", full // n)] * 2
+    grads = ("all-reduce", 6 * HLO_CONFIG.n_embd * 4)
+    assert sorted(sizes(b) for b in bodies.values()) == [
+        sorted([*pairs, grads]),
+        pairs,
+    ], [sizes(b) for b in bodies.values()]
 
 
 # ----------------------------------------------------------------------------
@@ -360,6 +386,36 @@ def test_unknown_activation_axis():
     x = jax.ShapeDtypeStruct((2, 8, 4), jnp.float32)
     with pytest.raises(tx.ShardingError, match="got `sqe`.*Did you mean `seq`"):
         jax.eval_shape(lambda x: layout.constrain(x, ("batch", "sqe", "embed")), x)
+
+
+def test_sp_projections_bad_input():
+    layout = tx.Activations(_plan("sp"), tx.make_mesh(jax.devices()[:4], model=4))
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    y, w_out = f32((2, 8, 8, 4)), f32((8, 8, 32))  # (B, T, heads, head_dim)
+    with pytest.raises(tx.ShardingError, match=r"leading dims equal the last dims"):
+        jax.eval_shape(
+            lambda y, w: layout.project_out(
+                y,
+                w,
+                names=("batch", "seq", "heads", "head_dim"),
+                w_names=("heads", "head_dim", "embed"),
+            ),
+            y,
+            w_out,
+        )
+    x, w_in = f32((2, 8, 32)), f32((32, 64))  # (B, T, C), (C, mlp)
+    with pytest.raises(tx.ShardingError, match="one tuple of logical axis names per"):
+        jax.eval_shape(
+            lambda x, w: layout.project_in(x, [w, w], w_names=[("embed", "mlp")]),
+            x,
+            w_in,
+        )
+    with pytest.raises(tx.ShardingError, match=r"`seq` \(dim 1\) to be divisible by 4"):
+        jax.eval_shape(
+            lambda x, w: layout.project_in(x, [w], w_names=[("embed", "mlp")]),
+            f32((2, 6, 32)),
+            w_in,
+        )
 
 
 # ----------------------------------------------------------------------------

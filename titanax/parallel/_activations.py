@@ -16,6 +16,13 @@ never with a mesh: it is given an `Activations` from outside (e.g. as
     names)` / `layout.to_natural_order(x, names)` at the model's entry and exit:
     under CP the model computes in zigzag order (the load-balanced split), so its
     positions are zigzag too, and its output comes back in the data's order.
+- Under sequence parallelism (`layout.sequence_parallel`), `layout.project_in(x,
+    weights, ...)` for the column-parallel projections at the input of attention
+    and the MLP and `layout.project_out(x, w, ...)` for the row-parallel one at
+    their output: the all-gather of the sequence and the reduce-scatter back onto
+    sequence shards are written out (`jax.lax.all_gather` / `psum_scatter` in a
+    `jax.shard_map`), so every backend runs them as such (XLA:CPU would otherwise
+    all-reduce the whole activation and slice it).
 
 Without CP the orders are the identity. The model never sees the mesh; the plan and
 mesh are passed explicitly, never through a global or thread-local context.
@@ -30,6 +37,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -43,6 +51,7 @@ __all__ = ["Activations"]
 Names = Sequence[str | None]
 
 QUERY_NAMES = ("batch", "seq", "heads", "head_dim")
+RESIDUAL_NAMES = ("batch", "seq", "embed")
 
 # The logical axes an activation may name (besides the plan's TP rules): a name
 # outside them is a typo that would silently leave a dim unsplit.
@@ -113,10 +122,34 @@ class Activations(eqx.Module):
         cp = self.plan.cp
         return 1 if cp is None else int(self.mesh.shape[cp.axis])
 
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the plan has Megatron sequence parallelism
+        (`TP(sequence_parallel=True)`): the model then projects into and out of
+        attention and the MLP through `project_in` and `project_out`."""
+        tp = self.plan.tp
+        return tp is not None and tp.sequence_parallel
+
     def spec(self, names: Names, *, sequence_parallel: bool = True) -> PartitionSpec:
         """The mesh `PartitionSpec` of an activation with logical axes `names`
         (`plan.activation_spec`)."""
         return self.plan.activation_spec(names, sequence_parallel=sequence_parallel)
+
+    def _check_known(self, names: Names, what: str, where: str, who: str) -> None:
+        known = list(ACTIVATION_AXES)
+        if self.plan.tp is not None:
+            known += [k for k, _ in self.plan.tp.rules if k not in known]
+        for name in names:
+            if name is not None and name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" Did you mean `{close[0]}`?" if close else ""
+                raise ShardingError(
+                    f"Expected the logical axes of {what} to be among {known} "
+                    f"(or None), got `{name}` at `{where}` (`{who}`).{hint}",
+                    path=where,
+                    suggestion="Name each dim with a known logical axis, or None "
+                    "for a dim that is never split.",
+                )
 
     def _checked_spec(
         self, x: Any, names: Names, *, sequence_parallel: bool = True, who: str
@@ -130,20 +163,7 @@ class Activations(eqx.Module):
                 path=where,
                 suggestion='Name every dim, e.g. `("batch", "seq", "embed")`.',
             )
-        known = list(ACTIVATION_AXES)
-        if self.plan.tp is not None:
-            known += [k for k, _ in self.plan.tp.rules if k not in known]
-        for name in names:
-            if name is not None and name not in known:
-                close = difflib.get_close_matches(str(name), known, n=1)
-                hint = f" Did you mean `{close[0]}`?" if close else ""
-                raise ShardingError(
-                    f"Expected the logical axes of an activation to be among {known} "
-                    f"(or None), got `{name}` at `{where}` (`{who}`).{hint}",
-                    path=where,
-                    suggestion="Name each dim with a known logical axis, or None "
-                    "for a dim that is never split.",
-                )
+        self._check_known(names, "an activation", where, who)
         spec = self.spec(names, sequence_parallel=sequence_parallel)
         for dim, (name, entry) in enumerate(zip(names, spec, strict=True)):
             axes = _axes_of(entry)
@@ -222,16 +242,9 @@ class Activations(eqx.Module):
 
     def _seq_map(self, x: jax.Array, names: Names, fn: Any, who: str) -> jax.Array:
         names = tuple(names)
-        if "seq" not in names:
-            raise ShardingError(
-                f"Expected a `seq` axis among the names {_describe(names)} "
-                f"(`{who}`), got none.",
-                path=f"activation {_describe(names)}",
-                suggestion="Name the sequence dim `seq`.",
-            )
+        dim = self._seq_dim(names, who)
         if not self.context_parallel:
             return x
-        dim = names.index("seq")
         self._check_seq(x.shape[dim], who)
         spec = self._checked_spec(x, names, sequence_parallel=False, who=who)
         assert self.plan.cp is not None
@@ -345,3 +358,224 @@ class Activations(eqx.Module):
             out_specs=q_spec,
         )
         return mapped(q, k, v)
+
+    # --- Megatron sequence parallelism: the projections around the sublayers --------
+
+    def _weight_spec(self, w: Any, names: Names, who: str) -> PartitionSpec:
+        """The TP split of one layer's weight named `names`, as TP's rules map it.
+        (FSDP's split is left to XLA: it gathers the weight where it is used.)"""
+        where = f"weight {_describe(names)}"
+        if len(names) != w.ndim:
+            raise ShardingError(
+                f"Expected {w.ndim} logical axis names for a weight of shape "
+                f"{tuple(w.shape)}, got {len(names)} at `{where}` (`{who}`).",
+                path=where,
+                suggestion='Name every dim, e.g. `("mlp", "embed")`.',
+            )
+        self._check_known(names, "a weight", where, who)
+        assert self.plan.tp is not None
+        rules = {k: v for k, v in self.plan.tp.rules if v is not None}
+        entries = [rules.get(n) if n is not None else None for n in names]
+        for dim, (name, entry) in enumerate(zip(names, entries, strict=True)):
+            if entry is not None and w.shape[dim] % self.mesh.shape[entry]:
+                raise ShardingError(
+                    f"Expected `{name}` (dim {dim}) to be divisible by "
+                    f"{entry}={self.mesh.shape[entry]}, got {w.shape[dim]} at "
+                    f"`{where}` (`{who}`).",
+                    path=where,
+                    suggestion=f"Use a `{name}` size that is a multiple of "
+                    f"{self.mesh.shape[entry]}.",
+                )
+        return PartitionSpec(*entries)
+
+    def _seq_dim(self, names: Names, who: str) -> int:
+        if "seq" not in names:
+            raise ShardingError(
+                f"Expected a `seq` axis among the names {_describe(names)} "
+                f"(`{who}`), got none.",
+                path=f"activation {_describe(names)}",
+                suggestion="Name the sequence dim `seq`.",
+            )
+        return list(names).index("seq")
+
+    def project_in(
+        self,
+        x: jax.Array,
+        weights: Sequence[jax.Array],
+        *,
+        names: Names = RESIDUAL_NAMES,
+        w_names: Sequence[Names],
+    ) -> tuple[jax.Array, ...]:
+        """Column-parallel input projections `x @ w`, one per weight, at the input
+        of attention or the MLP.
+
+        Under sequence parallelism `x` arrives split along `seq` over TP's axis
+        (the residual stream's layout) and each weight is split along its output
+        dim. In one `jax.shard_map`, every device all-gathers the sequence of `x`
+        over TP's axis (`jax.lax.all_gather`: 1/TP of `x` in, all of it out) and
+        multiplies it by its columns of each weight; the sum runs over the whole
+        input dim, so no partial sums are left to reduce. The gather's transpose is
+        a reduce-scatter: the backward pass sends the gradient of `x` back onto
+        sequence shards with one reduce-scatter of 1/TP-sized results, not with an
+        all-reduce of the whole activation (what XLA:CPU makes of the same
+        computation left to the partitioner). One gather serves all the weights
+        (a Llama's q, k, v).
+
+        Without sequence parallelism, or when TP's rules do not split every
+        weight's output dim (there is then nothing to keep local), it is the plain
+        `x @ w`, which XLA places.
+
+        **Arguments:**
+
+        - `x`: the normalised stream, e.g. `(batch, seq, embed)`.
+        - `weights`: 2-D weights `(in, out)`, `in` the size of the last dim of
+            `x`; one layer's, without the stacked `layers` dim.
+        - `names`: the logical axes of `x` (default `("batch", "seq", "embed")`).
+        - `w_names`: the logical axes of each weight, e.g. `[("embed", "mlp")]`.
+
+        **Returns:** a tuple of `x @ w`, one per weight: the sequence whole (split
+        as `constrain(..., sequence_parallel=False)` splits it), the last dim split
+        like the weight's output dim.
+
+        **Raises:** `ShardingError` at trace time for names that do not fit the
+        arrays, a weight that is not `(in, out)`, or a dim its mesh axes do not
+        divide.
+        """
+        who = "project_in"
+        names = tuple(names)
+        weights = tuple(weights)
+        w_names = tuple(tuple(n) for n in w_names)
+        if len(w_names) != len(weights):
+            raise ShardingError(
+                f"Expected one tuple of logical axis names per weight, got "
+                f"{len(w_names)} for {len(weights)} weights (`{who}`).",
+                suggestion='Pass e.g. `w_names=[("embed", "mlp")]`, one per weight.',
+            )
+        for w, wn in zip(weights, w_names, strict=True):
+            if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+                raise ShardingError(
+                    f"Expected a 2-D weight (in, out) with in = {x.shape[-1]} (the "
+                    f"last dim of `x`), got shape {tuple(w.shape)} at `weight "
+                    f"{_describe(wn)}` (`{who}`).",
+                    path=f"weight {_describe(wn)}",
+                    suggestion="Reshape the weight to (in, out) first, e.g. "
+                    "`w.reshape(C, -1)`.",
+                )
+        if not self.sequence_parallel:
+            return tuple(x @ w for w in weights)
+        assert self.plan.tp is not None
+        axis = self.plan.tp.axis
+        seq = self._seq_dim(names, who)
+        x_spec = self._checked_spec(x, names, who=who)
+        w_specs = [
+            self._weight_spec(w, wn, who)
+            for w, wn in zip(weights, w_names, strict=True)
+        ]
+        out_specs = tuple(
+            self._checked_spec(
+                jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), x.dtype),
+                (*names[:-1], wn[1]),
+                sequence_parallel=False,
+                who=who,
+            )
+            for w, wn in zip(weights, w_names, strict=True)
+        )
+        if axis in _axes_of(x_spec[-1]) or not all(
+            s == PartitionSpec(None, axis) for s in w_specs
+        ):
+            return tuple(x @ w for w in weights)
+
+        def local(x, *ws):
+            # (b, t / TP, C) -> (b, t, C): this device's batch rows and (CP) chunk
+            # of the sequence, now whole along TP's axis.
+            x = jax.lax.all_gather(x, axis, axis=seq, tiled=True)
+            return tuple(x @ w for w in ws)  # (b, t, out / TP) each
+
+        mapped = shard_map(
+            local, mesh=self.mesh, in_specs=(x_spec, *w_specs), out_specs=out_specs
+        )
+        return tuple(mapped(x, *weights))
+
+    def project_out(
+        self, x: jax.Array, w: jax.Array, *, names: Names, w_names: Names
+    ) -> jax.Array:
+        """The row-parallel output projection of attention or the MLP: `x`
+        contracted over its last `w.ndim - 1` dims with the leading dims of `w`
+        (`jnp.tensordot(x, w, w.ndim - 1)`).
+
+        Under sequence parallelism the contracted dims (`heads`, `mlp`) are split
+        over TP's axis, so each device's product is a partial sum of the whole
+        output. In one `jax.shard_map`, each device multiplies its shards and the
+        partial sums are reduce-scattered over TP's axis along `seq`
+        (`jax.lax.psum_scatter`): every device receives the sum for its 1/TP of
+        the sequence, which is the residual stream's layout. XLA:CPU's partitioner
+        would instead all-reduce the whole activation and slice it (its pass
+        pipeline has no reduce-scatter creator). The transpose is an all-gather of
+        the output's gradient.
+
+        Without sequence parallelism, or when TP's rules do not split the
+        contraction (nothing to reduce), it is the plain `jnp.tensordot`, which XLA
+        places.
+
+        **Arguments:**
+
+        - `x`: the sublayer's output before the projection, e.g. `(batch, seq,
+            heads, head_dim)` or `(batch, seq, mlp)`.
+        - `w`: one layer's weight, contracted dims first, e.g. `(heads, head_dim,
+            embed)` or `(mlp, embed)`.
+        - `names`: the logical axes of `x`.
+        - `w_names`: the logical axes of `w`.
+
+        **Returns:** the projection, with logical axes `names[:-k] + w_names[-1:]`
+        (`k = w.ndim - 1`), split as `constrain` splits them: under sequence
+        parallelism the sequence over TP's axis.
+
+        **Raises:** `ShardingError` at trace time for names that do not fit the
+        arrays, contracted dims of different sizes, or a dim its mesh axes do not
+        divide.
+        """
+        who = "project_out"
+        names, w_names = tuple(names), tuple(w_names)
+        k = w.ndim - 1
+        if k < 1 or x.ndim <= k or tuple(x.shape[x.ndim - k :]) != w.shape[:k]:
+            raise ShardingError(
+                f"Expected a weight whose leading dims equal the last dims of `x` "
+                f"{tuple(x.shape)}, plus one output dim, got shape {tuple(w.shape)} "
+                f"at `weight {_describe(w_names)}` (`{who}`).",
+                path=f"weight {_describe(w_names)}",
+                suggestion="Pass e.g. `x` (batch, seq, heads, head_dim) with `w` "
+                "(heads, head_dim, embed).",
+            )
+        if not self.sequence_parallel:
+            return jnp.tensordot(x, w, axes=k)
+        assert self.plan.tp is not None
+        axis = self.plan.tp.axis
+        out_names = (*names[: x.ndim - k], w_names[-1])
+        seq = self._seq_dim(out_names, who)
+        x_spec = self._checked_spec(x, names, sequence_parallel=False, who=who)
+        w_spec = self._weight_spec(w, w_names, who)
+        out_spec = self._checked_spec(
+            jax.ShapeDtypeStruct((*x.shape[: x.ndim - k], w.shape[-1]), x.dtype),
+            out_names,
+            who=who,
+        )
+        contracted = tuple(x_spec)[x.ndim - k :]
+        if (
+            contracted != tuple(w_spec)[:k]
+            or axis not in contracted
+            or w_spec[-1] is not None
+            or any(axis in _axes_of(e) for e in tuple(x_spec)[: x.ndim - k])
+        ):
+            return jnp.tensordot(x, w, axes=k)
+
+        def local(x, w):
+            # (b, t, C): this device's share of the sum (its heads, or its slice
+            # of the MLP), over its rows and (CP) chunk of the sequence.
+            y = jnp.tensordot(x, w, axes=k)
+            # (b, t / TP, C): summed over TP's axis, this device's sequence shard.
+            return jax.lax.psum_scatter(y, axis, scatter_dimension=seq, tiled=True)
+
+        mapped = shard_map(
+            local, mesh=self.mesh, in_specs=(x_spec, w_spec), out_specs=out_spec
+        )
+        return mapped(x, w)

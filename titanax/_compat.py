@@ -40,6 +40,7 @@ __all__ = [
     "backends_initialized",
     "compiled_cost",
     "compiled_memory",
+    "compiled_memory_or_why",
     "distributed_initialize",
     "is_jaxpr",
     "mark_varying",
@@ -371,6 +372,27 @@ def compiled_memory(compiled: Any) -> CompiledMemory:
         generated_code=int(stats.generated_code_size_in_bytes),
         peak=int(stats.peak_memory_in_bytes),
     )
+
+
+def compiled_memory_or_why(compiled: Any) -> tuple[CompiledMemory | None, str | None]:
+    """`compiled_memory`, or `None` and why there is none: some backends (PjRt
+    plugins) return `None` from `memory_analysis()`, others raise.
+
+    **Arguments:**
+
+    - `compiled`: a `jax.stages.Compiled`.
+
+    **Returns:** `(memory, None)`, or `(None, reason)` with the reason in words.
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as error:  # each backend raises its own type: name it, go on
+        first_line = str(error).strip().splitlines()[:1]
+        said = f": {first_line[0][:120]}" if first_line else ""
+        return None, f"`memory_analysis()` raised {type(error).__name__}{said}"
+    if stats is None:
+        return None, "`memory_analysis()` returned None"
+    return compiled_memory(compiled), None
 
 
 def compiled_cost(compiled: Any) -> dict[str, float]:

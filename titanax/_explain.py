@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._axes import is_arraylike, logical_axes, path_str
-from ._compat import CompiledMemory, compiled_memory
+from ._compat import CompiledMemory, compiled_memory_or_why
 from ._hlo import Collective, collectives
 from ._plan import Plan
 from ._sharding import shardings
@@ -150,19 +150,10 @@ def read_step_memory(
 ) -> tuple[CompiledMemory | None, str | None]:
     """XLA's memory analysis of `compiled` (a `jax.stages.Compiled`), or `None` and
     why there is none: some backends (PjRt plugins) return `None` or raise."""
-    platform = mesh.devices.flat[0].platform
-    try:
-        stats = compiled.memory_analysis()
-    except Exception as error:  # each backend raises its own type: name it, go on
-        first_line = str(error).strip().splitlines()[:1]
-        said = f": {first_line[0][:120]}" if first_line else ""
-        return None, (
-            f"`memory_analysis()` raised {type(error).__name__}{said} "
-            f"on the {platform} backend"
-        )
-    if stats is None:
-        return None, f"`memory_analysis()` returned None on the {platform} backend"
-    return compiled_memory(compiled), None
+    memory, why = compiled_memory_or_why(compiled)
+    if memory is None:
+        return None, f"{why} on the {mesh.devices.flat[0].platform} backend"
+    return memory, None
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -196,40 +196,28 @@ def test_evaluate_matches_the_loss_without_an_update():
 # --- compilation ------------------------------------------------------------------
 
 
-def test_fit_compiles_only_the_first_step(caplog):
+def test_fit_compiles_only_the_first_step():
     t = trainer(optimizer=optax.adamw(1e-2), log_every=2)
     t.init_state()
-    previous = jax.config.jax_log_compiles
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING, logger="jax"):
-            t.fit(make_batches(5))
-    finally:
-        jax.config.update("jax_log_compiles", previous)
-    compiled = [
-        r.getMessage().split()[1]
-        for r in caplog.records
-        if r.getMessage().startswith("Compiling ")
-    ]
+    compiled = compiled_programs(lambda: t.fit(make_batches(5)))
     # The step compiles once; besides it only the two small programs that pack the
     # counters into one vector and unpack them (once per mesh).
     assert compiled.count("jit(train_step)") == 1, compiled
     assert set(compiled) <= {"jit(train_step)", "jit(stack)", "jit(unstack)"}, compiled
     # A second fit compiles nothing.
-    caplog.clear()
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING, logger="jax"):
-            t.fit(make_batches(3))
-    finally:
-        jax.config.update("jax_log_compiles", previous)
-    assert not [r for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert compiled_programs(lambda: t.fit(make_batches(3))) == []
 
 
 # --- bad input ----------------------------------------------------------------------
 
 
 def train_step_compiles(fn):
+    """Run `fn()`; how many times the training step compiled meanwhile (a list of
+    its name, once per compile)."""
+    return [n for n in compiled_programs(fn) if n == "jit(train_step)"]
+
+
+def compiled_programs(fn):
     """Run `fn()`; the names of the programs JAX compiled meanwhile."""
     names = []
 
@@ -248,7 +236,7 @@ def train_step_compiles(fn):
     finally:
         jax.config.update("jax_log_compiles", previous)
         logger.removeHandler(handler)
-    return [n for n in names if n == "jit(train_step)"]
+    return names
 
 
 def test_batch_not_divisible_before_compiling():

@@ -150,7 +150,11 @@ def test_heartbeat_ends_the_survivor_without_a_launcher(tmp_path):
             r"Task 1 heartbeat timeout"
             r"|stopped sending heartbeats\):\s*(\S*/task:)?1\n"
         )
-        assert re.search(named, text), text[-3000:]
+        # When the peer dies inside a collective, XLA:CPU's gloo transport can
+        # abort the survivor before the heartbeat fires (seen once in CI); it
+        # then exits just as fast, but names no task.
+        aborted_by_gloo = "gloo::EnforceNotMet" in text or "gloo::IoException" in text
+        assert re.search(named, text) or aborted_by_gloo, text[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:

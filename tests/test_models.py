@@ -346,10 +346,51 @@ def test_config_validation():
     assert GPTConfig.preset("baby", dropout=0.1).dropout == 0.1
 
 
+def _reference_layer_norm(x, scale, bias, eps=1e-5):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    y = (x - mean) / jnp.sqrt(jnp.var(x, axis=-1, keepdims=True) + eps) * scale
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_layer_norm_gradient_is_autodiffs(with_bias):
+    # `_layer_norm`'s closed-form backward against autodiff through the formula,
+    # on a stream with a large mean (where a careless form loses digits).
+    from models.gpt import _layer_norm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3.0 + rng.standard_normal((2, 5, 32)), jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(32), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(32), jnp.float32) if with_bias else None
+    cotangent = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+
+    def grads(norm):
+        def objective(x, scale, bias):
+            return jnp.sum(norm(x, scale, bias) * cotangent)
+
+        return jax.grad(objective, argnums=(0, 1, 2))(x, scale, bias)
+
+    ours, ref = grads(_layer_norm), grads(_reference_layer_norm)
+    assert (ours[2] is None) == (not with_bias)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        _layer_norm(x, scale, bias), _reference_layer_norm(x, scale, bias), atol=1e-5
+    )
+    # bf16 activations: statistics in float32, the result and dx in bf16.
+    half = x.astype(jnp.bfloat16)
+    dx = jax.grad(lambda h: jnp.sum(_layer_norm(h, scale, bias).astype(jnp.float32)))(
+        half
+    )
+    assert _layer_norm(half, scale, bias).dtype == dx.dtype == jnp.bfloat16
+
+
 def test_layer_loop_and_remat_variants_compute_the_same(tokens):
     # Unrolled (the default), scanned, scanned two of three layers at a time (a
-    # remainder), rematerialised, and attention written out: the same loss and
-    # gradients.
+    # remainder), rematerialised, attention written out and through
+    # `jax.nn.dot_product_attention`: the same loss and gradients. On the CPU the
+    # default writes attention out and gives its projections a custom gradient
+    # (`_matmul`); remat turns that gradient off, "xla" the written-out attention.
     base = GPTConfig.preset("tiny", n_layer=3)
     variants = [
         dict(unroll=True),
@@ -358,6 +399,7 @@ def test_layer_loop_and_remat_variants_compute_the_same(tokens):
         dict(unroll=False, remat="full"),
         dict(unroll=True, remat="dots_no_batch"),
         dict(attention="explicit"),  # einsums instead of dot_product_attention
+        dict(attention="xla"),
     ]
     weights = jax.tree.leaves(GPT(base, key=jax.random.key(3)))
 

@@ -56,9 +56,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -407,9 +409,18 @@ def part_n_worker(args: argparse.Namespace) -> None:
         for _ in range(iters // args.sync_every):
             # `sync_every` steps dispatched back to back, then waited for.
             times += [run(args.sync_every)] * args.sync_every
+            if args.stream:
+                print(_CHUNK.format(times[-1] * 1e3), flush=True)
         print(json.dumps({"times": times}))
         return
     stamps: list[float] = []
+
+    def stamp(step, metrics, trainer):
+        stamps.append(time.perf_counter())
+        if args.stream and len(stamps) > 1:
+            chunk = (stamps[-1] - stamps[-2]) / args.sync_every
+            print(_CHUNK.format(chunk * 1e3), flush=True)
+
     trainer = tx.Trainer(
         model,
         gpt_plans.dp(),
@@ -417,7 +428,7 @@ def part_n_worker(args: argparse.Namespace) -> None:
         loss=gpt_loss,
         mesh=single_device_mesh(),
         log_every=args.sync_every,  # metrics fetched (a sync) at each log step
-        hooks=[lambda step, metrics, trainer: stamps.append(time.perf_counter())],
+        hooks=[stamp],
     )
     start = time.perf_counter()
     trainer.fit(data, steps=iters)
@@ -437,30 +448,110 @@ def _prepare_nanogpt(nanogpt: Path, text: Path, python: str) -> None:
     subprocess.run([python, "prepare.py"], cwd=folder, check=True, capture_output=True)
 
 
-def _run_contender(name: str, args: argparse.Namespace, iters: int, quality: int):
+# A streaming worker's line per chunk of `sync_every` steps, in ms per iteration
+# (nanoGPT prints its own line per iteration).
+_CHUNK = "chunk: time {:.3f}ms"
+_TIME_LINE = re.compile(r"(?:^iter \d+: loss [\d.]+, |^chunk: )time ([\d.]+)ms", re.M)
+
+
+def _contender_command(name: str, args: argparse.Namespace, iters: int) -> list[str]:
     if name == "nanogpt":
         out_dir = Path(args.nanogpt) / "out-titanax-pairing"
         cmd = [args.torch_python, "train.py", *NANOGPT_ARGS, f"--out_dir={out_dir}"]
-        cmd += [f"--max_iters={quality or iters}", "--eval_interval=2000"]
-        cmd += ["--eval_iters=200" if quality else "--eval_iters=1"]
+        return cmd + [f"--max_iters={iters}"]
+    cmd = [sys.executable, __file__, "--parts", "n-worker", "--nanogpt", args.nanogpt]
+    cmd += ["--contender", "jax" if name == "jax" else "titanax", "--stream"]
+    cmd += ["--iters", str(iters)]
+    return cmd + (["--default-malloc"] if name == "titanax-default-malloc" else [])
+
+
+def _iters_per_report(name: str, args: argparse.Namespace) -> int:
+    return 1 if name == "nanogpt" else args.sync_every
+
+
+def _time_sliced(args: argparse.Namespace, names: list[str]) -> None:
+    """All contenders started at once and run in turn, `--slice-seconds` each
+    (the others SIGSTOPped), for `--slices` turns each: every contender sees the
+    same phases of a noisy machine. Each worker reports a time per iteration (or
+    per chunk of `sync_every`); a reader thread stamps each report on arrival,
+    and only those that began and ended within one of its turns count."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["PYTHONUNBUFFERED"] = "1"
+    procs = {
+        n: subprocess.Popen(
+            _contender_command(n, args, 10**6)
+            + (["--eval_interval=100000", "--eval_iters=1"] if n == "nanogpt" else []),
+            cwd=args.nanogpt if n == "nanogpt" else None,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        )
+        for n in names
+    }  # fmt: skip
+    reports: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+
+    def read(name: str) -> None:
+        for line in procs[name].stdout:  # type: ignore[union-attr]
+            if m := _TIME_LINE.match(line):
+                reports[name].append((time.time(), float(m.group(1))))
+
+    for name in names:
+        threading.Thread(target=read, args=(name,), daemon=True).start()
+    turns: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    for p in procs.values():
+        p.send_signal(signal.SIGSTOP)
+    load = [os.getloadavg()[0]]
+    try:
+        for _ in range(args.slices):
+            for name, p in procs.items():
+                start = time.time()
+                p.send_signal(signal.SIGCONT)
+                time.sleep(args.slice_seconds)
+                p.send_signal(signal.SIGSTOP)
+                turns[name].append((start, time.time()))
+            load.append(os.getloadavg()[0])
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    print(
+        f"\n### (n) side by side with nanoGPT, time-sliced: {args.slices} turns of "
+        f"{args.slice_seconds:g} s per contender, round robin; load average "
+        f"{min(load):.2f}-{max(load):.2f}\n"
+    )
+    print("| contender | median ms/iter | iterations counted | relative to nanoGPT |")
+    print("|---|---:|---:|---:|")
+    medians = {}
+    for name in names:
+        per_report = _iters_per_report(name, args)
+        counted = []
+        for end, ms in reports[name][-(-10 // per_report) :]:  # from iteration 10
+            begin = end - ms * per_report / 1e3
+            if any(a <= begin and end <= b for a, b in turns[name]):
+                counted.append(ms)
+        medians[name] = statistics.median(counted) if counted else float("nan")
+        rel = medians[name] / medians.get("nanogpt", float("nan"))
+        print(
+            f"| {name} | {medians[name]:.1f} | {len(counted) * per_report} "
+            f"| {rel:.3f} |"
+        )
+
+
+def _run_contender(name: str, args: argparse.Namespace, iters: int, quality: int):
+    cmd = _contender_command(name, args, quality or iters)
+    if name == "nanogpt":
+        cmd += [
+            "--eval_interval=2000",
+            "--eval_iters=200" if quality else "--eval_iters=1",
+        ]
         proc = subprocess.run(
             cmd, cwd=args.nanogpt, capture_output=True, text=True, check=False
         )
         if proc.returncode:
             raise SystemExit(f"nanoGPT failed:\n{proc.stderr[-3000:]}")
-        times = [
-            float(m.group(1)) / 1e3
-            for m in re.finditer(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms",
-                                 proc.stdout, re.M)
-        ]  # fmt: skip
+        times = [float(m.group(1)) / 1e3 for m in _TIME_LINE.finditer(proc.stdout)]
         vals = re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)",
                           proc.stdout, re.M)  # fmt: skip
         return {"times": times, "val": float(vals[-1][1]) if quality else None}
-    cmd = [sys.executable, __file__, "--parts", "n-worker", "--nanogpt", args.nanogpt]
-    cmd += ["--contender", "jax" if name == "jax" else "titanax"]
-    cmd += ["--iters", str(iters), "--quality-steps", str(quality)]
-    if name == "titanax-default-malloc":
-        cmd.append("--default-malloc")
+    cmd += ["--quality-steps", str(quality)]
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode:
@@ -473,6 +564,9 @@ def part_n(args: argparse.Namespace) -> None:
         raise SystemExit("part n needs --nanogpt DIR and --torch-python PYTHON")
     _prepare_nanogpt(Path(args.nanogpt), Path(args.text), args.torch_python)
     names = args.contenders.split(",")
+    if args.slices:
+        _time_sliced(args, names)
+        return
     print(
         f"\n### (n) side by side with nanoGPT: {args.rounds} interleaved rounds of "
         f"{args.iters} iterations; median ms/iter of iterations 10-{args.iters - 1}\n"
@@ -529,6 +623,11 @@ def main() -> None:
     p.add_argument("--quality-steps", type=int, default=0, help="(n) 0: no quality")
     p.add_argument("--sync-every", type=int, default=10, help="(n) JAX loops")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="(n)")
+    p.add_argument(
+        "--slices", type=int, default=0, help="(n) time-sliced turns (0: rounds)"
+    )
+    p.add_argument("--slice-seconds", type=float, default=3.0, help="(n) per turn")
+    p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--contender", default="titanax", help=argparse.SUPPRESS)
     p.add_argument("--default-malloc", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

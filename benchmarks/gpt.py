@@ -34,7 +34,11 @@ Three parts, chosen with `--parts` (default `a,b,c`):
   count the chunk's mean per iteration. The table gives the median ms/iter of
   iterations 10..iters-1 per round, and the load average. `--quality-steps N` also
   trains nanoGPT and the Trainer for N iterations once and prints their validation
-  loss (mean over 200 random batches of 12).
+  loss (mean over 200 random batches of 12). With `--slices K` the contenders run
+  time-sliced instead: all started at once, each in turn for `--slice-seconds`
+  while the others are SIGSTOPped, K turns each; only the iterations timed wholly
+  within a contender's turns count (on a machine whose speed drifts within
+  minutes, sequential rounds land contenders in different phases).
 
 Run from the repository root:
 
@@ -42,6 +46,9 @@ Run from the repository root:
     .venv/bin/python benchmarks/gpt.py --parts a --steps 2000
     .venv/bin/python benchmarks/gpt.py --parts n --nanogpt /tmp/nanoGPT \
         --torch-python /tmp/hf/bin/python --rounds 3 --iters 200 --quality-steps 2000
+    .venv/bin/python benchmarks/gpt.py --parts n --nanogpt /tmp/nanoGPT \
+        --torch-python /tmp/hf/bin/python --contenders nanogpt,jax,titanax \
+        --slices 30 --slice-seconds 3
 
 Every process calls `tx.configure_allocator()` first (glibc keeps XLA:CPU's step
 buffers mapped), except the `titanax-default-malloc` contender of part n.

@@ -467,7 +467,7 @@ def _contender_command(name: str, args: argparse.Namespace, iters: int) -> list[
         cmd = [args.torch_python, "train.py", *NANOGPT_ARGS, f"--out_dir={out_dir}"]
         return cmd + [f"--max_iters={iters}"]
     cmd = [sys.executable, __file__, "--parts", "n-worker", "--nanogpt", args.nanogpt]
-    cmd += ["--contender", "jax" if name == "jax" else "titanax", "--stream"]
+    cmd += ["--contender", "jax" if name == "jax" else "titanax"]
     cmd += ["--iters", str(iters)]
     return cmd + (["--default-malloc"] if name == "titanax-default-malloc" else [])
 
@@ -487,7 +487,8 @@ def _time_sliced(args: argparse.Namespace, names: list[str]) -> None:
     procs = {
         n: subprocess.Popen(
             _contender_command(n, args, 10**6)
-            + (["--eval_interval=100000", "--eval_iters=1"] if n == "nanogpt" else []),
+            + (["--eval_interval=100000", "--eval_iters=1"] if n == "nanogpt"
+               else ["--stream"]),
             cwd=args.nanogpt if n == "nanogpt" else None,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
